@@ -1,0 +1,55 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "usage-tracking",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "usage-tracking", targets: ["usage-tracking"]),
+        .library(name: "UsageTrackingCore", targets: ["UsageTrackingCore"]),
+        .library(name: "UsageTrackingServer", targets: ["UsageTrackingServer"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+    ],
+    targets: [
+        // zlib's deflate behind one C function, so gzip needs no extra package.
+        .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
+        // Parsing, validation, counting, exposition: no HTTP and no networking in here.
+        .target(name: "UsageTrackingCore", dependencies: ["CZlib"]),
+        // The SwiftNIO HTTP/1 server on top of the core.
+        .target(
+            name: "UsageTrackingServer",
+            dependencies: [
+                "UsageTrackingCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "usage-tracking",
+            dependencies: [
+                "UsageTrackingServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "UsageTrackingCoreTests", dependencies: ["UsageTrackingCore"]),
+        .testTarget(
+            name: "UsageTrackingServerTests",
+            dependencies: [
+                "UsageTrackingServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Starts the built binary and a real Prometheus; needs `usage-tracking` built first.
+        .testTarget(name: "EndToEndTests", dependencies: ["usage-tracking"]),
+    ]
+)

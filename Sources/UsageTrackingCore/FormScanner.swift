@@ -1,0 +1,62 @@
+/// Reads `application/x-www-form-urlencoded` bodies, which is what Authorino sends by default
+/// when a policy uses `bodyParameters`.
+enum FormScanner {
+    struct SyntaxError: Error, Equatable {
+        var message: String
+    }
+
+    static func scan(_ bytes: UnsafeRawBufferPointer) throws(SyntaxError) -> CallbackFields {
+        var fields = CallbackFields(repeatedGroupsAreLists: true)
+        var start = 0
+        while start <= bytes.count {
+            var end = start
+            while end < bytes.count, bytes[end] != UInt8(ascii: "&") { end += 1 }
+            let pair = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
+            if !pair.isEmpty {
+                let equals = pair.firstIndex(of: UInt8(ascii: "=")) ?? pair.count
+                guard let name = String(validating: try decode(pair[0..<equals], at: start), as: UTF8.self) else {
+                    throw SyntaxError(message: "field name at byte \(start) is not valid UTF-8")
+                }
+                let value = equals < pair.count ? try decode(pair[(equals + 1)...], at: start + equals + 1) : []
+                fields.add(name: name, value: .text(String(validating: value, as: UTF8.self)))
+            }
+            start = end + 1
+        }
+        guard !fields.names.isEmpty else { throw SyntaxError(message: "body is empty") }
+        return fields
+    }
+
+    /// Percent-decodes one name or value; `+` stands for a space.
+    private static func decode(_ raw: Slice<UnsafeRawBufferPointer>, at offset: Int) throws(SyntaxError) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(raw.count)
+        var index = raw.startIndex
+        while index < raw.endIndex {
+            let byte = raw[index]
+            switch byte {
+            case UInt8(ascii: "+"):
+                out.append(UInt8(ascii: " "))
+            case UInt8(ascii: "%"):
+                guard index + 2 < raw.endIndex, let high = hexValue(raw[index + 1]), let low = hexValue(raw[index + 2])
+                else {
+                    throw SyntaxError(message: "invalid percent-escape at byte \(offset + index - raw.startIndex)")
+                }
+                out.append(high << 4 | low)
+                index += 2
+            default:
+                out.append(byte)
+            }
+            index += 1
+        }
+        return out
+    }
+
+    private static func hexValue(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): byte - UInt8(ascii: "A") + 10
+        default: nil
+        }
+    }
+}

@@ -1,0 +1,329 @@
+/// A strict, allocation-light reader for the one shape of JSON a callback has: a single
+/// top-level object. Known members are decoded; every other value is checked for syntax and
+/// skipped, so a body is either fully valid JSON (RFC 8259) or rejected with the byte offset.
+struct JSONObjectScanner {
+    struct SyntaxError: Error, Equatable {
+        var message: String
+    }
+
+    /// Unknown members may nest; this bounds the recursion that skipping them needs.
+    static let maximumDepth = 32
+
+    private let bytes: UnsafeRawBufferPointer
+    private var index = 0
+
+    private init(_ bytes: UnsafeRawBufferPointer) {
+        self.bytes = bytes
+    }
+
+    static func scan(_ bytes: UnsafeRawBufferPointer) throws(SyntaxError) -> CallbackFields {
+        var scanner = JSONObjectScanner(bytes)
+        var fields = CallbackFields(repeatedGroupsAreLists: false)
+        scanner.skipWhitespace()
+        guard scanner.peek() == UInt8(ascii: "{") else {
+            throw scanner.error(scanner.atEnd ? "body is empty" : "body must be a JSON object")
+        }
+        scanner.index += 1
+        scanner.skipWhitespace()
+        if scanner.peek() == UInt8(ascii: "}") {
+            scanner.index += 1
+        } else {
+            while true {
+                scanner.skipWhitespace()
+                guard scanner.peek() == UInt8(ascii: "\"") else { throw scanner.error("expected a member name") }
+                guard let name = try scanner.readString() else {
+                    throw scanner.error("member name is not valid UTF-8")
+                }
+                scanner.skipWhitespace()
+                try scanner.expect(UInt8(ascii: ":"), "expected ':' after a member name")
+                scanner.skipWhitespace()
+                if CallbackFields.known.contains(name) {
+                    fields.add(name: name, value: try scanner.readFieldValue())
+                } else {
+                    try scanner.skipValue(depth: 1)
+                    fields.add(name: name, value: .other("unknown"))
+                }
+                scanner.skipWhitespace()
+                if scanner.peek() == UInt8(ascii: ",") {
+                    scanner.index += 1
+                    continue
+                }
+                try scanner.expect(UInt8(ascii: "}"), "expected ',' or '}' after a member")
+                break
+            }
+        }
+        scanner.skipWhitespace()
+        guard scanner.atEnd else { throw scanner.error("unexpected data after the JSON object") }
+        return fields
+    }
+
+    // MARK: values
+
+    private mutating func readFieldValue() throws(SyntaxError) -> CallbackFields.Value {
+        switch self.peek() {
+        case UInt8(ascii: "\""):
+            return .text(try self.readString())
+        case UInt8(ascii: "["):
+            // Keep the strings of an all-string array; anything else only needs its type named.
+            let start = self.index
+            self.index += 1
+            var items: [String?] = []
+            self.skipWhitespace()
+            if self.peek() == UInt8(ascii: "]") {
+                self.index += 1
+                return .list(items)
+            }
+            while true {
+                self.skipWhitespace()
+                guard self.peek() == UInt8(ascii: "\"") else {
+                    self.index = start
+                    try self.skipValue(depth: 1)
+                    return .other("an array that holds non-strings")
+                }
+                items.append(try self.readString())
+                self.skipWhitespace()
+                if self.peek() == UInt8(ascii: ",") {
+                    self.index += 1
+                    continue
+                }
+                try self.expect(UInt8(ascii: "]"), "expected ',' or ']' in an array")
+                return .list(items)
+            }
+        default:
+            let kind = self.kindOfValue()
+            try self.skipValue(depth: 1)
+            return .other(kind)
+        }
+    }
+
+    private func kindOfValue() -> String {
+        switch self.peek() {
+        case UInt8(ascii: "{"): "object"
+        case UInt8(ascii: "t"), UInt8(ascii: "f"): "boolean"
+        case UInt8(ascii: "n"): "null"
+        default: "number"
+        }
+    }
+
+    private mutating func skipValue(depth: Int) throws(SyntaxError) {
+        guard depth <= Self.maximumDepth else { throw self.error("nested deeper than \(Self.maximumDepth) levels") }
+        switch self.peek() ?? 0 {
+        case UInt8(ascii: "\""):
+            _ = try self.readString()
+        case UInt8(ascii: "{"):
+            self.index += 1
+            self.skipWhitespace()
+            if self.peek() == UInt8(ascii: "}") {
+                self.index += 1
+                return
+            }
+            while true {
+                self.skipWhitespace()
+                guard self.peek() == UInt8(ascii: "\"") else { throw self.error("expected a member name") }
+                _ = try self.readString()
+                self.skipWhitespace()
+                try self.expect(UInt8(ascii: ":"), "expected ':' after a member name")
+                self.skipWhitespace()
+                try self.skipValue(depth: depth + 1)
+                self.skipWhitespace()
+                if self.peek() == UInt8(ascii: ",") {
+                    self.index += 1
+                    continue
+                }
+                try self.expect(UInt8(ascii: "}"), "expected ',' or '}' after a member")
+                return
+            }
+        case UInt8(ascii: "["):
+            self.index += 1
+            self.skipWhitespace()
+            if self.peek() == UInt8(ascii: "]") {
+                self.index += 1
+                return
+            }
+            while true {
+                self.skipWhitespace()
+                try self.skipValue(depth: depth + 1)
+                self.skipWhitespace()
+                if self.peek() == UInt8(ascii: ",") {
+                    self.index += 1
+                    continue
+                }
+                try self.expect(UInt8(ascii: "]"), "expected ',' or ']' in an array")
+                return
+            }
+        case UInt8(ascii: "t"): try self.expectLiteral("true")
+        case UInt8(ascii: "f"): try self.expectLiteral("false")
+        case UInt8(ascii: "n"): try self.expectLiteral("null")
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): try self.skipNumber()
+        default:
+            throw self.error(self.atEnd ? "unexpected end of body" : "expected a JSON value")
+        }
+    }
+
+    private mutating func skipNumber() throws(SyntaxError) {
+        if self.peek() == UInt8(ascii: "-") { self.index += 1 }
+        if self.peek() == UInt8(ascii: "0") {
+            self.index += 1
+        } else {
+            guard self.skipDigits() else { throw self.error("invalid number") }
+        }
+        if self.peek() == UInt8(ascii: ".") {
+            self.index += 1
+            guard self.skipDigits() else { throw self.error("invalid number") }
+        }
+        if self.peek() == UInt8(ascii: "e") || self.peek() == UInt8(ascii: "E") {
+            self.index += 1
+            if self.peek() == UInt8(ascii: "+") || self.peek() == UInt8(ascii: "-") { self.index += 1 }
+            guard self.skipDigits() else { throw self.error("invalid number") }
+        }
+    }
+
+    /// Returns whether at least one digit was skipped.
+    private mutating func skipDigits() -> Bool {
+        let start = self.index
+        while let byte = self.peek(), byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") { self.index += 1 }
+        return self.index > start
+    }
+
+    private mutating func expectLiteral(_ literal: StaticString) throws(SyntaxError) {
+        let expected = UnsafeRawBufferPointer(start: literal.utf8Start, count: literal.utf8CodeUnitCount)
+        guard self.index + expected.count <= self.bytes.count,
+            self.bytes[self.index..<self.index + expected.count].elementsEqual(expected)
+        else { throw self.error("expected a JSON value") }
+        self.index += expected.count
+    }
+
+    // MARK: strings
+
+    /// Reads a string starting at its opening quote. Returns nil when its bytes, or a lone
+    /// surrogate escape, are not valid UTF-8; structural errors throw.
+    private mutating func readString() throws(SyntaxError) -> String? {
+        self.index += 1
+        let start = self.index
+        // Fast path: no escapes, so the string is the bytes between the quotes.
+        while let byte = self.peek() {
+            if byte == UInt8(ascii: "\"") {
+                let raw = UnsafeRawBufferPointer(rebasing: self.bytes[start..<self.index])
+                self.index += 1
+                return String(validating: raw, as: UTF8.self)
+            }
+            if byte == UInt8(ascii: "\\") { break }
+            guard byte >= 0x20 else { throw self.error("control character in a string") }
+            self.index += 1
+        }
+        guard !self.atEnd else { throw self.error("unterminated string") }
+        var decoded = Array(self.bytes[start..<self.index])
+        while let byte = self.peek() {
+            self.index += 1
+            switch byte {
+            case UInt8(ascii: "\""):
+                return String(validating: decoded, as: UTF8.self)
+            case UInt8(ascii: "\\"):
+                try self.readEscape(into: &decoded)
+            case 0..<0x20:
+                self.index -= 1
+                throw self.error("control character in a string")
+            default:
+                decoded.append(byte)
+            }
+        }
+        throw self.error("unterminated string")
+    }
+
+    private mutating func readEscape(into decoded: inout [UInt8]) throws(SyntaxError) {
+        guard let byte = self.peek() else { throw self.error("unterminated string") }
+        self.index += 1
+        switch byte {
+        case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): decoded.append(byte)
+        case UInt8(ascii: "b"): decoded.append(0x08)
+        case UInt8(ascii: "f"): decoded.append(0x0C)
+        case UInt8(ascii: "n"): decoded.append(0x0A)
+        case UInt8(ascii: "r"): decoded.append(0x0D)
+        case UInt8(ascii: "t"): decoded.append(0x09)
+        case UInt8(ascii: "u"):
+            var scalar = UInt32(try self.readHex4())
+            if (0xD800..<0xDC00).contains(scalar), self.peek() == UInt8(ascii: "\\"),
+                self.index + 1 < self.bytes.count, self.bytes[self.index + 1] == UInt8(ascii: "u")
+            {
+                let mark = self.index
+                self.index += 2
+                let low = UInt32(try self.readHex4())
+                if (0xDC00..<0xE000).contains(low) {
+                    scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
+                } else {
+                    self.index = mark
+                }
+            }
+            Self.appendUTF8(scalar, to: &decoded)
+        default:
+            self.index -= 1
+            throw self.error("invalid escape in a string")
+        }
+    }
+
+    private mutating func readHex4() throws(SyntaxError) -> UInt16 {
+        var value: UInt16 = 0
+        for _ in 0..<4 {
+            guard let byte = self.peek() else { throw self.error("unterminated \\u escape") }
+            let digit: UInt8
+            switch byte {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): digit = byte - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): digit = byte - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): digit = byte - UInt8(ascii: "A") + 10
+            default: throw self.error("invalid \\u escape")
+            }
+            value = value << 4 | UInt16(digit)
+            self.index += 1
+        }
+        return value
+    }
+
+    /// Encodes a scalar as UTF-8. A lone surrogate is encoded the same way, which yields bytes
+    /// that are not valid UTF-8, so the field is reported as such rather than altered.
+    private static func appendUTF8(_ scalar: UInt32, to out: inout [UInt8]) {
+        switch scalar {
+        case 0..<0x80:
+            out.append(UInt8(scalar))
+        case 0x80..<0x800:
+            out.append(UInt8(0xC0 | scalar >> 6))
+            out.append(UInt8(0x80 | scalar & 0x3F))
+        case 0x800..<0x10000:
+            out.append(UInt8(0xE0 | scalar >> 12))
+            out.append(UInt8(0x80 | scalar >> 6 & 0x3F))
+            out.append(UInt8(0x80 | scalar & 0x3F))
+        default:
+            out.append(UInt8(0xF0 | scalar >> 18))
+            out.append(UInt8(0x80 | scalar >> 12 & 0x3F))
+            out.append(UInt8(0x80 | scalar >> 6 & 0x3F))
+            out.append(UInt8(0x80 | scalar & 0x3F))
+        }
+    }
+
+    // MARK: cursor
+
+    private var atEnd: Bool { self.index >= self.bytes.count }
+
+    private func peek() -> UInt8? {
+        self.index < self.bytes.count ? self.bytes[self.index] : nil
+    }
+
+    private mutating func skipWhitespace() {
+        while let byte = self.peek(),
+            byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\n") || byte == UInt8(ascii: "\t")
+                || byte == UInt8(ascii: "\r")
+        {
+            self.index += 1
+        }
+    }
+
+    private mutating func expect(_ byte: UInt8, _ message: String) throws(SyntaxError) {
+        guard self.peek() == byte else {
+            throw self.error(self.atEnd ? "unexpected end of body" : message)
+        }
+        self.index += 1
+    }
+
+    private func error(_ message: String) -> SyntaxError {
+        SyntaxError(message: "\(message) at byte \(self.index)")
+    }
+}

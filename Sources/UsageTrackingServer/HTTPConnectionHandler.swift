@@ -1,0 +1,209 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import UsageTrackingCore
+
+/// One per connection, after NIO's request decoder. Routes each request, answers it on the
+/// event loop, and writes the serialised reply straight to the socket.
+///
+/// Requests are answered in the order they arrive and before the next one is read, so pipelined
+/// requests need no queue. Replies are flushed once per socket read, so a pipelined batch goes
+/// out in one write.
+final class HTTPConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = ByteBuffer
+
+    private struct Request {
+        var head: HTTPRequestHead
+        var route: Route
+        var startNanoseconds: UInt64
+        var body: ByteBuffer?
+        /// A rejection decided from the head; the body is then read but not kept.
+        var rejection: CallbackRejection?
+    }
+
+    private let state: ServerState
+    private var request: Request?
+    /// Set once shutdown asks connections to finish: close after the current reply.
+    private var quiescing = false
+    /// Set once a reply that closes the connection was written; later input is ignored.
+    private var closing = false
+    private var lastActivity = NIODeadline.now()
+    private var idleCheck: Scheduled<Void>?
+
+    init(state: ServerState) {
+        self.state = state
+    }
+
+    // MARK: lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { self.scheduleIdleCheck(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        self.scheduleIdleCheck(context: context)
+        context.fireChannelActive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.idleCheck?.cancel()
+        self.idleCheck = nil
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is ChannelShouldQuiesceEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        self.quiescing = true
+        if self.request == nil { context.close(promise: nil) }
+    }
+
+    /// Idle connections are closed. The timer is not moved on every read (that would cost a
+    /// schedule per request); it fires, and re-arms for the remainder if there was activity.
+    private func scheduleIdleCheck(context: ChannelHandlerContext) {
+        guard self.idleCheck == nil else { return }
+        let deadline = self.lastActivity + self.state.configuration.idleTimeout
+        self.idleCheck = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
+            self.idleCheck = nil
+            if NIODeadline.now() >= self.lastActivity + self.state.configuration.idleTimeout {
+                context.close(promise: nil)
+            } else {
+                self.scheduleIdleCheck(context: context)
+            }
+        }
+    }
+
+    // MARK: requests
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !self.closing else { return }
+        switch self.unwrapInboundIn(data) {
+        case .head(let head):
+            let now = NIODeadline.now()
+            self.lastActivity = now
+            let route = Route(uri: head.uri)
+            var request = Request(head: head, route: route, startNanoseconds: now.uptimeNanoseconds)
+            if route == .track {
+                request.rejection = TrackEndpoint.check(head, state: self.state)
+                if request.rejection?.outcome == .tooLarge {
+                    // Do not read a body that was announced too large: answer and close now.
+                    self.respond(context: context, request, TrackEndpoint.reply(to: request.rejection!, head, state: self.state), forceClose: true)
+                    return
+                }
+            }
+            self.request = request
+        case .body(var chunk):
+            guard var request = self.request, request.route == .track, request.rejection == nil else { return }
+            if (request.body?.readableBytes ?? 0) + chunk.readableBytes > self.state.configuration.maxBodyBytes {
+                let rejection = TrackEndpoint.tooLarge(self.state)
+                self.request = nil
+                self.respond(context: context, request, TrackEndpoint.reply(to: rejection, request.head, state: self.state), forceClose: true)
+                return
+            }
+            if request.body == nil {
+                request.body = chunk
+            } else {
+                request.body!.writeBuffer(&chunk)
+            }
+            self.request = request
+        case .end:
+            guard let request = self.request else { return }
+            self.request = nil
+            self.answer(context: context, request)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+        context.fireChannelReadComplete()
+    }
+
+    private func answer(context: ChannelHandlerContext, _ request: Request) {
+        let head = request.head
+        switch request.route {
+        case .track:
+            let rejection = request.rejection ?? TrackEndpoint.handle(head, body: request.body, state: self.state)
+            if let rejection {
+                self.respond(context: context, request, TrackEndpoint.reply(to: rejection, head, state: self.state))
+            } else if self.mustClose(head) {
+                self.respond(context: context, request, HTTPResponse(status: .accepted))
+            } else {
+                // The hot path: the prebuilt 202, no serialisation.
+                context.write(self.wrapOutboundOut(HTTPResponse.acceptedBytes), promise: nil)
+                self.observe(request)
+            }
+        case .metrics, .healthz, .readyz, .debug, .other:
+            self.respond(context: context, request, self.readOnlyReply(request))
+        }
+    }
+
+    private func readOnlyReply(_ request: Request) -> HTTPResponse {
+        let path = request.head.uri
+        guard request.route != .other else {
+            return .error(.notFound, "not found", ["no route for \(path.prefix { $0 != "?" })"])
+        }
+        guard request.head.method == .GET || request.head.method == .HEAD else {
+            return .error(
+                .methodNotAllowed, "method not allowed",
+                ["\(request.head.method.rawValue) \(path.prefix { $0 != "?" }) is not allowed; use GET"],
+                headers: [("allow", "GET, HEAD")]
+            )
+        }
+        switch request.route {
+        case .metrics: return MetricsEndpoint.reply(request.head, state: self.state)
+        case .healthz: return HealthEndpoints.liveness()
+        case .readyz: return HealthEndpoints.readiness(state: self.state)
+        case .debug: return DebugEndpoint.reply(state: self.state)
+        case .track, .other: preconditionFailure("handled above")
+        }
+    }
+
+    private func mustClose(_ head: HTTPRequestHead) -> Bool {
+        self.quiescing || !head.isKeepAlive
+    }
+
+    private func respond(context: ChannelHandlerContext, _ request: Request, _ response: HTTPResponse, forceClose: Bool = false) {
+        let close = forceClose || self.mustClose(request.head)
+        let bytes = response.serialized(allocator: context.channel.allocator, omitBody: request.head.method == .HEAD, close: close)
+        self.observe(request)
+        if close {
+            self.closing = true
+            context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
+                context.close(promise: nil)
+            }
+        } else {
+            context.write(self.wrapOutboundOut(bytes), promise: nil)
+        }
+    }
+
+    private func observe(_ request: Request) {
+        let elapsed = NIODeadline.now().uptimeNanoseconds &- request.startNanoseconds
+        self.state.metrics.observe(route: request.route.rawValue, nanoseconds: elapsed)
+    }
+
+    // MARK: errors
+
+    /// A request NIO cannot parse gets one plain reply and the connection is closed, since
+    /// nothing after it on the stream can be trusted.
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        guard !self.closing else { return }
+        self.closing = true
+        let response: HTTPResponse
+        switch error as? HTTPParserError {
+        case .headerOverflow?:
+            response = .error(.requestHeaderFieldsTooLarge, "request header too large", ["request head exceeds \(self.state.configuration.maxHeaderBytes) bytes"])
+        case let parserError?:
+            response = .error(.badRequest, "malformed HTTP request", ["\(parserError)"])
+        case nil:
+            context.close(promise: nil)
+            return
+        }
+        self.state.logger.info("bad HTTP request", metadata: ["error": "\(error)"])
+        let bytes = response.serialized(allocator: context.channel.allocator, omitBody: false, close: true)
+        context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+        }
+    }
+}

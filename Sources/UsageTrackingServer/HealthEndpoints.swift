@@ -1,0 +1,11 @@
+/// `GET /healthz` (liveness: the process answers) and `GET /readyz` (readiness: listening with
+/// its configuration loaded, and not shutting down).
+enum HealthEndpoints {
+    static func liveness() -> HTTPResponse {
+        .text(.ok, "ok\n")
+    }
+
+    static func readiness(state: ServerState) -> HTTPResponse {
+        state.ready.load(ordering: .relaxed) ? .text(.ok, "ready\n") : .text(.serviceUnavailable, "not ready\n")
+    }
+}

@@ -1,0 +1,76 @@
+import Glibc
+import Logging
+import Synchronization
+import UsageTrackingCore
+
+/// Writes one JSON object per line to standard output: `time`, `level`, `msg`, then metadata.
+public struct JSONLogHandler: LogHandler {
+    public var logLevel: Logger.Level
+    public var metadata: Logger.Metadata = [:]
+    private let output: @Sendable (String) -> Void
+
+    public init(level: Logger.Level, output: @escaping @Sendable (String) -> Void = JSONLogHandler.writeToStandardOutput) {
+        self.logLevel = level
+        self.output = output
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { self.metadata[key] }
+        set { self.metadata[key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        var members: [(String, JSONText)] = [
+            ("time", .string(Self.timestamp())),
+            ("level", .string(event.level.rawValue)),
+            ("msg", .string(event.message.description)),
+        ]
+        let merged = self.metadata.merging(event.metadata ?? [:]) { $1 }
+        for key in merged.keys.sorted() {
+            members.append((key, Self.json(merged[key]!)))
+        }
+        self.output(JSONText.object(members).serialized)
+    }
+
+    private static func json(_ value: Logger.Metadata.Value) -> JSONText {
+        switch value {
+        case .string(let text): .string(text)
+        case .stringConvertible(let value): .string(value.description)
+        case .array(let items): .array(items.map(json))
+        case .dictionary(let entries): .object(entries.keys.sorted().map { ($0, json(entries[$0]!)) })
+        }
+    }
+
+    /// RFC 3339 UTC with milliseconds.
+    private static func timestamp() -> String {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        var parts = tm()
+        var seconds = now.tv_sec
+        gmtime_r(&seconds, &parts)
+        func pad(_ value: Int32, _ width: Int) -> String {
+            let digits = String(value)
+            return String(repeating: "0", count: max(0, width - digits.count)) + digits
+        }
+        return "\(pad(parts.tm_year + 1900, 4))-\(pad(parts.tm_mon + 1, 2))-\(pad(parts.tm_mday, 2))T"
+            + "\(pad(parts.tm_hour, 2)):\(pad(parts.tm_min, 2)):\(pad(parts.tm_sec, 2)).\(pad(Int32(now.tv_nsec / 1_000_000), 3))Z"
+    }
+
+    private static let outputLock = Mutex(())
+
+    public static let writeToStandardOutput: @Sendable (String) -> Void = { line in
+        let bytes = Array((line + "\n").utf8)
+        // One write(2) per line under a lock, so lines from different threads never interleave.
+        outputLock.withLock { _ in
+            bytes.withUnsafeBytes { buffer in
+                var offset = 0
+                while offset < buffer.count {
+                    let written = Glibc.write(STDOUT_FILENO, buffer.baseAddress! + offset, buffer.count - offset)
+                    if written < 0 && errno == EINTR { continue }
+                    guard written > 0 else { return }
+                    offset += written
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+import NIOCore
+
+/// Everything the server needs to run; `main` builds one from flags and environment, tests build
+/// one directly, and both hand it to `UsageTrackingServer.start`.
+public struct ServerConfiguration: Sendable {
+    public var host = "0.0.0.0"
+    public var port = 8080
+    /// Largest `/track` body accepted; larger ones get 413 and the connection is closed.
+    public var maxBodyBytes = 64 * 1024
+    /// Longest accepted field value (user, groups, path, method, host) in UTF-8 bytes.
+    public var maxLabelBytes = 256
+    /// Largest request head (all header names and values together).
+    public var maxHeaderBytes = 16 * 1024
+    /// A connection with no bytes arriving for this long is closed.
+    public var idleTimeout: TimeAmount = .seconds(60)
+    /// How long shutdown waits for in-flight requests before closing connections anyway.
+    public var shutdownTimeout: TimeAmount = .seconds(20)
+    /// The header carrying the caller's secret. `Authorization` expects `Bearer <secret>`;
+    /// any other header carries the secret itself (Authorino's `customHeader` credentials).
+    public var callbackSecretHeader = "Authorization"
+    /// One secret, typically from the environment.
+    public var callbackSecret: String? = nil
+    /// A file with one secret per line, re-read when it changes.
+    public var callbackSecretFile: String? = nil
+    /// How often the secret file is checked for changes.
+    public var secretReloadInterval: Duration = .seconds(2)
+    /// Serve `/debug` and keep the recent-callback lists it shows.
+    public var debugEnabled = true
+    /// Event loop threads; the default is one per core.
+    public var eventLoopThreads = System.coreCount
+
+    public init() {}
+}

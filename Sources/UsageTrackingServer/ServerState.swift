@@ -1,0 +1,59 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import Synchronization
+import UsageTrackingCore
+
+/// What all connections share: the counters, the decoder, the secrets and the debug lists.
+/// Everything here is safe to use from any event loop.
+final class ServerState: Sendable {
+    let configuration: ServerConfiguration
+    let logger: Logger
+    let metrics: UsageMetrics
+    let decoder: CallbackDecoder
+    let secrets: CallbackSecrets
+    /// nil when the debug view is turned off, so nothing is recorded for it either.
+    let recent: RecentCallbacks?
+    let startedAt = NIODeadline.now()
+    let ready = Atomic<Bool>(false)
+
+    init(configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets) {
+        self.configuration = configuration
+        self.logger = logger
+        self.metrics = metrics
+        self.secrets = secrets
+        self.decoder = CallbackDecoder(maximumValueBytes: configuration.maxLabelBytes)
+        self.recent = configuration.debugEnabled ? RecentCallbacks(capacity: 100) : nil
+    }
+}
+
+/// The endpoints the server knows; the raw values index `UsageMetrics.routes`.
+enum Route: Int {
+    case track, metrics, healthz, readyz, debug, other
+
+    init(uri: String) {
+        let path = uri.utf8.firstIndex(of: UInt8(ascii: "?")).map { String(uri[..<$0]) } ?? uri
+        switch path {
+        case "/track": self = .track
+        case "/metrics": self = .metrics
+        case "/healthz": self = .healthz
+        case "/readyz": self = .readyz
+        case "/debug": self = .debug
+        default: self = .other
+        }
+    }
+}
+
+extension CallbackOutcome {
+    var status: HTTPResponseStatus {
+        switch self {
+        case .accepted: .accepted
+        case .malformed: .badRequest
+        case .invalid: .unprocessableEntity
+        case .tooLarge: .payloadTooLarge
+        case .unsupportedMediaType: .unsupportedMediaType
+        case .methodNotAllowed: .methodNotAllowed
+        case .unauthorized: .unauthorized
+        }
+    }
+}

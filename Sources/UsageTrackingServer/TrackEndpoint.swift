@@ -1,0 +1,109 @@
+import Glibc
+import Logging
+import NIOCore
+import NIOHTTP1
+import UsageTrackingCore
+
+/// `POST /track`: the callback Authorino makes after each authorized request.
+/// Runs synchronously on the connection's event loop: decode, validate, count, reply.
+enum TrackEndpoint {
+    /// Checks that can be made from the head alone, before any body byte is buffered.
+    /// Returns the rejection, if any.
+    static func check(_ head: HTTPRequestHead, state: ServerState) -> CallbackRejection? {
+        guard head.method == .POST else {
+            return CallbackRejection(.methodNotAllowed, ["\(head.method.rawValue) /track is not allowed; use POST"])
+        }
+        if state.secrets.isRequired, let problem = Self.credentialProblem(head.headers, state: state) {
+            return CallbackRejection(.unauthorized, [problem])
+        }
+        if let length = head.headers.first(name: "content-length").flatMap(Int.init),
+            length > state.configuration.maxBodyBytes
+        {
+            return Self.tooLarge(state)
+        }
+        return nil
+    }
+
+    static func tooLarge(_ state: ServerState) -> CallbackRejection {
+        CallbackRejection(.tooLarge, ["body exceeds the limit of \(state.configuration.maxBodyBytes) bytes"])
+    }
+
+    private static func credentialProblem(_ headers: HTTPHeaders, state: ServerState) -> String? {
+        let name = state.configuration.callbackSecretHeader
+        guard let value = headers.first(name: name) else { return "missing credentials in \(name)" }
+        var secret = Substring(value)
+        if name.lowercased() == "authorization" {
+            guard value.count > 7, value.prefix(7).lowercased() == "bearer " else {
+                return "\(name) must use the Bearer scheme"
+            }
+            secret = value.dropFirst(7)
+        }
+        return state.secrets.accepts(secret.trimmingASCIISpaces().utf8) ? nil : "invalid credentials in \(name)"
+    }
+
+    static func challenge(_ state: ServerState) -> [(String, String)] {
+        let name = state.configuration.callbackSecretHeader
+        return name.lowercased() == "authorization"
+            ? [("www-authenticate", "Bearer realm=\"usage-tracking\"")]
+            : [("www-authenticate", "Secret realm=\"usage-tracking\", header=\"\(name)\"")]
+    }
+
+    /// Decodes and counts one callback. Returns nil when it was accepted (the caller writes the
+    /// prebuilt 202), or the rejection.
+    static func handle(_ head: HTTPRequestHead, body: ByteBuffer?, state: ServerState) -> CallbackRejection? {
+        let contentType = head.headers.first(name: "content-type")
+        let decoded: Result<Callback, CallbackRejection>
+        if let body {
+            decoded = body.withUnsafeReadableBytes { bytes in
+                Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType) }
+            }
+        } else {
+            decoded = Result { () throws(CallbackRejection) in
+                try state.decoder.decode(UnsafeRawBufferPointer(start: nil, count: 0), contentType: contentType)
+            }
+        }
+        switch decoded {
+        case .success(let callback):
+            state.metrics.requests.increment([callback.user, callback.groups, callback.path])
+            state.metrics.record(.accepted)
+            let requestID = head.headers.first(name: "x-request-id")
+            state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID))
+            state.logger.debug(
+                "callback accepted",
+                metadata: [
+                    "request_id": "\(requestID ?? "")", "user": "\(callback.user)", "groups": "\(callback.groups)",
+                    "path": "\(callback.path)", "method": "\(callback.method)", "host": "\(callback.host)",
+                ]
+            )
+            return nil
+        case .failure(let rejection):
+            return rejection
+        }
+    }
+
+    /// Counts, records and logs a rejection and builds its reply.
+    static func reply(to rejection: CallbackRejection, _ head: HTTPRequestHead, state: ServerState) -> HTTPResponse {
+        let status = rejection.outcome.status
+        state.metrics.record(rejection.outcome)
+        let requestID = head.headers.first(name: "x-request-id")
+        state.recent?.record(.init(time: wallClock(), status: Int(status.code), rejection: rejection, requestID: requestID))
+        state.logger.info(
+            "callback rejected",
+            metadata: [
+                "request_id": "\(requestID ?? "")", "status": "\(status.code)", "outcome": "\(rejection.outcome.rawValue)",
+                "problems": .array(rejection.problems.map { .string($0) }),
+            ]
+        )
+        var headers: [(String, String)] = []
+        if rejection.outcome == .methodNotAllowed { headers.append(("allow", "POST")) }
+        if rejection.outcome == .unauthorized { headers += Self.challenge(state) }
+        return .error(status, rejection.summary, rejection.problems, headers: headers)
+    }
+}
+
+/// Seconds since the Unix epoch, for timestamps people read.
+func wallClock() -> Double {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+}
