@@ -68,17 +68,21 @@ enum TrackEndpoint {
             state.metrics.record(.accepted)
             let requestID = head.headers.first(name: "x-request-id")
             state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID))
-            state.logger.debug(
-                "callback accepted",
-                metadata: [
-                    "request_id": "\(requestID ?? "")", "user": "\(callback.user)", "groups": "\(callback.groups)",
-                    "path": "\(callback.path)", "method": "\(callback.method)", "host": "\(callback.host)",
-                ]
-            )
+            // The metadata is an autoclosure: built only when debug logging is on.
+            state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID))
             return nil
         case .failure(let rejection):
             return rejection
         }
+    }
+
+    private static func metadata(_ callback: Callback, requestID: String?) -> Logger.Metadata {
+        var metadata: Logger.Metadata = [
+            "user": "\(callback.user)", "groups": "\(callback.groups)", "path": "\(callback.path)",
+            "method": "\(callback.method)", "host": "\(callback.host)",
+        ]
+        metadata["request_id"] = requestID.map { "\($0)" }
+        return metadata
     }
 
     /// Counts, records and logs a rejection and builds its reply.
@@ -87,13 +91,12 @@ enum TrackEndpoint {
         state.metrics.record(rejection.outcome)
         let requestID = head.headers.first(name: "x-request-id")
         state.recent?.record(.init(time: wallClock(), status: Int(status.code), rejection: rejection, requestID: requestID))
-        state.logger.info(
-            "callback rejected",
-            metadata: [
-                "request_id": "\(requestID ?? "")", "status": "\(status.code)", "outcome": "\(rejection.outcome.rawValue)",
-                "problems": .array(rejection.problems.map { .string($0) }),
-            ]
-        )
+        var metadata: Logger.Metadata = [
+            "status": "\(status.code)", "outcome": "\(rejection.outcome.rawValue)",
+            "problems": .array(rejection.problems.map { .string($0) }),
+        ]
+        metadata["request_id"] = requestID.map { "\($0)" }
+        state.logger.info("callback rejected", metadata: metadata)
         var headers: [(String, String)] = []
         if rejection.outcome == .methodNotAllowed { headers.append(("allow", "POST")) }
         if rejection.outcome == .unauthorized { headers += Self.challenge(state) }

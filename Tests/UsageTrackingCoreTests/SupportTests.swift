@@ -1,0 +1,79 @@
+import Foundation
+import Testing
+
+@testable import UsageTrackingCore
+
+@Suite struct CallbackSecretsTests {
+    func temporaryFile(_ contents: String) throws -> String {
+        let path = NSTemporaryDirectory() + "secrets-\(UUID().uuidString)"
+        try contents.write(toFile: path, atomically: false, encoding: .utf8)
+        return path
+    }
+
+    @Test func noSourceMeansOpen() throws {
+        let secrets = try CallbackSecrets(value: nil, filePath: nil)
+        #expect(!secrets.isRequired)
+        #expect(!secrets.accepts("anything".utf8))
+    }
+
+    @Test func anyConfiguredSecretIsAccepted() throws {
+        let path = try temporaryFile("first\n\n  second  \n")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let secrets = try CallbackSecrets(value: "from-env", filePath: path)
+        #expect(secrets.isRequired)
+        #expect(secrets.count == 3)
+        for good in ["first", "second", "from-env"] { #expect(secrets.accepts(good.utf8)) }
+        for bad in ["", "firs", "first ", "firstfirst", "FIRST"] { #expect(!secrets.accepts(bad.utf8)) }
+    }
+
+    @Test func rotationIsPickedUpAndFailureKeepsThePreviousSecrets() throws {
+        let path = try temporaryFile("old\n")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let secrets = try CallbackSecrets(value: nil, filePath: path)
+        #expect(secrets.reloadIfChanged() == .unchanged)
+        try "old\nnew\n".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(secrets.reloadIfChanged() == .reloaded(count: 2))
+        #expect(secrets.accepts("new".utf8) && secrets.accepts("old".utf8))
+        try "new\n".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(secrets.reloadIfChanged() == .reloaded(count: 1))
+        #expect(!secrets.accepts("old".utf8))
+        try FileManager.default.removeItem(atPath: path)
+        guard case .failed(let reason) = secrets.reloadIfChanged() else {
+            Issue.record("a missing file must be reported")
+            return
+        }
+        #expect(reason.hasPrefix("cannot stat callback secret file \(path)"))
+        #expect(secrets.accepts("new".utf8))
+    }
+
+    @Test func emptyFileLetsNobodyIn() throws {
+        let path = try temporaryFile("\n")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let secrets = try CallbackSecrets(value: nil, filePath: path)
+        #expect(secrets.isRequired)
+        #expect(!secrets.accepts("".utf8))
+    }
+
+    @Test func unreadableFileFailsAtStart() {
+        #expect(throws: CallbackSecrets.LoadError.self) { try CallbackSecrets(value: nil, filePath: "/nonexistent/secret") }
+    }
+}
+
+@Suite struct RecentCallbacksTests {
+    @Test func keepsTheNewestUpToCapacity() {
+        let recent = RecentCallbacks(capacity: 3)
+        for i in 0..<5 {
+            recent.record(.init(time: Double(i), callback: Callback(user: "u\(i)", groups: "", path: ""), requestID: nil))
+        }
+        #expect(recent.acceptedEntries.map(\.callback.user) == ["u4", "u3", "u2"])
+        recent.record(.init(time: 0, status: 422, rejection: CallbackRejection(.invalid, ["x"]), requestID: "r"))
+        #expect(recent.rejectedEntries.map(\.requestID) == ["r"])
+    }
+}
+
+@Suite struct JSONTextTests {
+    @Test func escapesStrings() {
+        let document: JSONText = .object([("a", "q\"\\\n\u{01}é"), ("b", .array([1, true, .null, .number(0.5)]))])
+        #expect(document.serialized == #"{"a":"q\"\\\n\u0001é","b":[1,true,null,0.5]}"#)
+    }
+}
