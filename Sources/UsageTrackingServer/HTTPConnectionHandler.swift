@@ -28,7 +28,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
     private var quiescing = false
     /// Set once a reply that closes the connection was written; later input is ignored.
     private var closing = false
-    private var lastActivity = NIODeadline.now()
+    /// On the event loop's clock (`EventLoop.now`), which tests can advance.
+    private var lastActivity = NIODeadline.uptimeNanoseconds(0)
     private var idleCheck: Scheduled<Void>?
 
     init(state: ServerState) {
@@ -38,6 +39,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
     // MARK: lifecycle
 
     func handlerAdded(context: ChannelHandlerContext) {
+        self.lastActivity = context.eventLoop.now
         if context.channel.isActive { self.scheduleIdleCheck(context: context) }
     }
 
@@ -67,7 +69,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         let deadline = self.lastActivity + self.state.configuration.idleTimeout
         self.idleCheck = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
             self.idleCheck = nil
-            if NIODeadline.now() >= self.lastActivity + self.state.configuration.idleTimeout {
+            if context.eventLoop.now >= self.lastActivity + self.state.configuration.idleTimeout {
                 context.close(promise: nil)
             } else {
                 self.scheduleIdleCheck(context: context)
@@ -81,10 +83,9 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         guard !self.closing else { return }
         switch self.unwrapInboundIn(data) {
         case .head(let head):
-            let now = NIODeadline.now()
-            self.lastActivity = now
+            self.lastActivity = context.eventLoop.now
             let route = Route(uri: head.uri)
-            var request = Request(head: head, route: route, startNanoseconds: now.uptimeNanoseconds)
+            var request = Request(head: head, route: route, startNanoseconds: NIODeadline.now().uptimeNanoseconds)
             if route == .track {
                 request.rejection = TrackEndpoint.check(head, state: self.state)
                 if request.rejection?.outcome == .tooLarge {
@@ -95,6 +96,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
             }
             self.request = request
         case .body(var chunk):
+            self.lastActivity = context.eventLoop.now
             guard var request = self.request, request.route == .track, request.rejection == nil else { return }
             if (request.body?.readableBytes ?? 0) + chunk.readableBytes > self.state.configuration.maxBodyBytes {
                 let rejection = TrackEndpoint.tooLarge(self.state)
