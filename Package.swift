@@ -39,10 +39,13 @@ let package = Package(
             ]
         ),
         .testTarget(name: "UsageTrackingCoreTests", dependencies: ["UsageTrackingCore"]),
+        // Shared by the test targets: reading raw HTTP replies.
+        .target(name: "HTTPTestSupport", path: "Tests/HTTPTestSupport"),
         .testTarget(
             name: "UsageTrackingServerTests",
             dependencies: [
                 "UsageTrackingServer",
+                "HTTPTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -50,6 +53,6 @@ let package = Package(
             ]
         ),
         // Starts the built binary and a real Prometheus; needs `usage-tracking` built first.
-        .testTarget(name: "EndToEndTests", dependencies: ["usage-tracking"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["usage-tracking", "HTTPTestSupport"]),
     ]
 )

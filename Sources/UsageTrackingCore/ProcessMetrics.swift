@@ -35,12 +35,12 @@ public struct ProcessMetrics: Sendable {
 
     public func write(to writer: inout ExpositionWriter) {
         let rows: [(String, String, ExpositionWriter.MetricType, Double?)] = [
-            ("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", .counter, self.cpuSeconds),
-            ("process_max_fds", "Maximum number of open file descriptors.", .gauge, self.maximumFileDescriptors),
-            ("process_open_fds", "Number of open file descriptors.", .gauge, self.openFileDescriptors),
-            ("process_resident_memory_bytes", "Resident memory size in bytes.", .gauge, self.residentMemoryBytes),
-            ("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", .gauge, self.startTimeSeconds),
-            ("process_virtual_memory_bytes", "Virtual memory size in bytes.", .gauge, self.virtualMemoryBytes),
+            ("process_cpu_seconds_total", "CPU time used by this process, user plus system, in seconds.", .counter, self.cpuSeconds),
+            ("process_max_fds", "Limit on open file descriptors (RLIMIT_NOFILE, soft).", .gauge, self.maximumFileDescriptors),
+            ("process_open_fds", "File descriptors this process has open.", .gauge, self.openFileDescriptors),
+            ("process_resident_memory_bytes", "Bytes of memory resident in RAM.", .gauge, self.residentMemoryBytes),
+            ("process_start_time_seconds", "When this process started, in seconds since the Unix epoch.", .gauge, self.startTimeSeconds),
+            ("process_virtual_memory_bytes", "Bytes of virtual address space mapped.", .gauge, self.virtualMemoryBytes),
         ]
         for (name, help, type, value) in rows {
             guard let value else { continue }

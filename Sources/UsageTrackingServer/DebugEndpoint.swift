@@ -41,7 +41,7 @@ enum DebugEndpoint {
 
     private static func json(_ entry: RecentCallbacks.Rejected) -> JSONText {
         .object([
-            ("time", .number(entry.time)),
+            ("time", .string(JSONLogHandler.timestamp(unixSeconds: entry.time))),
             ("status", .integer(Int64(entry.status))),
             ("outcome", .string(entry.rejection.outcome.rawValue)),
             ("problems", .array(entry.rejection.problems.map(JSONText.string))),
@@ -52,7 +52,7 @@ enum DebugEndpoint {
 
     private static func json(_ entry: RecentCallbacks.Accepted) -> JSONText {
         .object([
-            ("time", .number(entry.time)),
+            ("time", .string(JSONLogHandler.timestamp(unixSeconds: entry.time))),
             ("user", .string(entry.callback.user)),
             ("groups", .string(entry.callback.groups)),
             ("path", .string(entry.callback.path)),

@@ -83,7 +83,8 @@ public final class UsageTrackingServer: Sendable {
 
         let server = UsageTrackingServer(state: state, group: group, listener: listener, connections: connections, secretWatcher: watcher)
         state.ready.store(true, ordering: .relaxed)
-        logger.info("listening", metadata: ["address": "\(server.localAddress)", "version": "\(UsageMetrics.version)"])
+        let address = "\(server.localAddress.ipAddress ?? configuration.host):\(server.localAddress.port ?? configuration.port)"
+        logger.info("listening", metadata: ["address": "\(address)", "version": "\(UsageMetrics.version)"])
         return server
     }
 

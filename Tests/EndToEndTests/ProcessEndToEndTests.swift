@@ -1,0 +1,99 @@
+import Foundation
+import HTTPTestSupport
+import Testing
+
+/// The binary as an operator runs it: flags, environment, signals, secret rotation, logs.
+@Suite(.serialized) struct ProcessEndToEndTests {
+    @Test func helpDocumentsEveryFlagWithItsDefaultAndVariable() throws {
+        let help = try run(try builtBinary(), ["--help"])
+        #expect(help.status == 0)
+        let documented = [
+            ("--host", "HOST", "0.0.0.0"), ("--port", "PORT", "8080"), ("--log-level", "LOG_LEVEL", "info"),
+            ("--callback-secret-file", "USAGE_TRACKING_CALLBACK_SECRET_FILE", "none"),
+            ("--callback-secret-header", "USAGE_TRACKING_CALLBACK_SECRET_HEADER", "Authorization"),
+            ("--max-body-bytes", "USAGE_TRACKING_MAX_BODY_BYTES", "65536"),
+            ("--max-label-bytes", "USAGE_TRACKING_MAX_LABEL_BYTES", "256"),
+            ("--max-header-bytes", "USAGE_TRACKING_MAX_HEADER_BYTES", "16384"),
+            ("--idle-timeout", "USAGE_TRACKING_IDLE_TIMEOUT", "60"),
+            ("--shutdown-timeout", "USAGE_TRACKING_SHUTDOWN_TIMEOUT", "20"),
+            ("--event-loop-threads", "USAGE_TRACKING_EVENT_LOOP_THREADS", "one per core"),
+        ]
+        let flat = help.output.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        for (flag, variable, value) in documented {
+            #expect(flat.contains("\(flag) <"), "\(flag) missing from --help")
+            #expect(flat.contains("(env: \(variable); default: \(value))"), "\(flag) help lacks env/default")
+        }
+        #expect(flat.contains("--no-debug"))
+        #expect(flat.contains("USAGE_TRACKING_NO_DEBUG=true"))
+        #expect(flat.contains("USAGE_TRACKING_CALLBACK_SECRET sets one callback secret"))
+    }
+
+    @Test func badSettingStopsStartupWithAClearMessage() throws {
+        let result = try RunningProcess(try builtBinary(), [], environment: ["PORT": "eighty"])
+        #expect(result.waitForExit() != 0)
+        #expect(result.lines.joined().contains("PORT must be a whole number, got 'eighty'"))
+        let level = try RunningProcess(try builtBinary(), ["--log-level", "loud"])
+        #expect(level.waitForExit() != 0)
+        #expect(level.lines.joined().contains("log level 'loud' is not one of trace, debug, info"))
+    }
+
+    @Test func environmentSecretAndDebugLogsWithRequestID() throws {
+        let secret = "env-secret-\(UUID().uuidString)"
+        let service = try ServiceUnderTest(environment: ["USAGE_TRACKING_CALLBACK_SECRET": secret, "LOG_LEVEL": "debug"])
+        defer { service.process.stop() }
+        let body = #"{"user":"alice","groups":"premium","path":"/v1/completions"}"#
+        let refused = try service.track(body)
+        #expect(refused.status == 401)
+        #expect(refused.text == #"{"error":"unauthorized","problems":["missing credentials in Authorization"]}"# + "\n")
+        #expect(try service.track(body, headers: ["Authorization: Bearer \(secret)", "x-request-id: rid-7"]).status == 202)
+        let logged = try service.process.waitForLine(containing: #""request_id":"rid-7""#)
+        #expect(logged.contains(#""msg":"callback accepted""#))
+        let startup = try service.process.waitForLine(containing: "callback authentication required")
+        #expect(startup.contains(#""mode":"bearer""#) && startup.contains(#""sources":"environment""#))
+        for line in service.process.lines {
+            #expect(!line.contains(secret), "secret leaked into a log line")
+            #expect((try? JSONSerialization.jsonObject(with: Data(line.utf8))) is [String: Any], "not a JSON log line: \(line)")
+        }
+    }
+
+    @Test func openTrackIsWarnedAboutOnce() throws {
+        let service = try ServiceUnderTest()
+        defer { service.process.stop() }
+        let warnings = service.process.lines.filter { $0.contains("no callback secret configured") }
+        #expect(warnings.count == 1)
+        #expect(warnings.first?.contains(#""level":"warning""#) == true)
+    }
+
+    @Test func rotatedSecretFileIsPickedUpWithoutRestart() throws {
+        let path = NSTemporaryDirectory() + "callback-secret-\(UUID().uuidString)"
+        try "first-secret\n".write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let service = try ServiceUnderTest(["--callback-secret-file", path, "--callback-secret-header", "X-Callback-Secret"])
+        defer { service.process.stop() }
+        let body = #"{"user":"bob"}"#
+        #expect(try service.track(body, headers: ["X-Callback-Secret: first-secret"]).status == 202)
+        try "second-secret\n".write(toFile: path, atomically: true, encoding: .utf8)
+        _ = try service.process.waitForLine(containing: "callback secrets reloaded")
+        #expect(try service.track(body, headers: ["X-Callback-Secret: first-secret"]).status == 401)
+        #expect(try service.track(body, headers: ["X-Callback-Secret: second-secret"]).status == 202)
+    }
+
+    /// SIGTERM: the listener closes, a request already under way is answered (and counted),
+    /// and the process exits 0.
+    @Test func sigtermFinishesTheRequestInFlightAndExitsZero() throws {
+        let service = try ServiceUnderTest()
+        let body = #"{"user":"in-flight","groups":"g","path":"/p"}"#
+        let connection = try RawHTTP.Connection(port: service.port)
+        defer { connection.close() }
+        try connection.write("POST /track HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\r\n")
+        Thread.sleep(forTimeInterval: 0.2)
+        service.process.signal(SIGTERM)
+        _ = try service.process.waitForLine(containing: "shutting down")
+        #expect(throws: E2EError.self) { try RawHTTP.exchange(port: service.port, RawHTTP.get("/healthz")) }
+        try connection.write(body)
+        let responses = ParsedResponse.parseAll(try connection.readToEnd())
+        #expect(responses.map(\.status) == [202])
+        #expect(responses.first?.header("connection") == "close")
+        #expect(service.process.waitForExit() == 0)
+    }
+}
