@@ -38,6 +38,12 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Release-mode timings of the core, for profiling the hot path (see README, Performance).
+        .executableTarget(
+            name: "usage-tracking-core-benchmark",
+            dependencies: ["UsageTrackingCore"],
+            path: "Tests/Benchmarks/CoreBenchmark"
+        ),
         .testTarget(name: "UsageTrackingCoreTests", dependencies: ["UsageTrackingCore"]),
         // Shared by the test targets: reading raw HTTP replies.
         .target(name: "HTTPTestSupport", path: "Tests/HTTPTestSupport"),

@@ -32,10 +32,12 @@ public struct CallbackDecoder: Sendable {
 
     private static func encoding(of contentType: String?) throws(CallbackRejection) -> Encoding {
         guard let contentType else { return .sniffed }
+        // What Authorino sends, matched on bytes before any string work.
+        if Self.hasMediaType(contentType, "application/json") { return .json }
+        if Self.hasMediaType(contentType, "application/x-www-form-urlencoded") { return .sniffed }
         let mediaType = contentType.prefix { $0 != ";" }.trimmingASCIISpaces().lowercased()
         switch mediaType {
-        case "application/json": return .json
-        case "", "application/x-www-form-urlencoded", "text/plain": return .sniffed
+        case "", "text/plain": return .sniffed
         case _ where mediaType.hasPrefix("application/") && mediaType.hasSuffix("+json"): return .json
         default:
             throw CallbackRejection(
@@ -43,6 +45,17 @@ public struct CallbackDecoder: Sendable {
                 ["Content-Type \(mediaType) is not supported; send application/json or application/x-www-form-urlencoded"]
             )
         }
+    }
+
+    /// Whether `contentType` is `expected` (lower-case) in any letter case, alone or before parameters.
+    private static func hasMediaType(_ contentType: String, _ expected: StaticString) -> Bool {
+        let expected = UnsafeRawBufferPointer(start: expected.utf8Start, count: expected.utf8CodeUnitCount)
+        var utf8 = contentType.utf8.makeIterator()
+        for byte in expected {
+            guard let next = utf8.next(), next | 0x20 == byte || next == byte else { return false }
+        }
+        let after = utf8.next()
+        return after == nil || after == UInt8(ascii: ";") || after == UInt8(ascii: " ")
     }
 
     private static func scan(_ body: UnsafeRawBufferPointer, contentType: String?) throws(CallbackRejection) -> CallbackFields {
@@ -65,18 +78,18 @@ public struct CallbackDecoder: Sendable {
     // MARK: validation
 
     private func validate(_ fields: CallbackFields) throws(CallbackRejection) -> Callback {
-        var problems: [String] = fields.repeated.map { "\($0): given more than once" }
-        let user = self.text("user", fields, required: true, problems: &problems).trimmingASCIISpaces()
-        if fields.values["user"] != nil, user.isEmpty, !problems.contains(where: { $0.hasPrefix("user:") }) {
+        var problems: [String] = fields.repeated.map { "\($0.name): given more than once" }
+        let user = self.text(.user, fields, required: true, problems: &problems).trimmingASCIISpaces()
+        if fields[.user] != nil, user.isEmpty, !problems.contains(where: { $0.hasPrefix("user:") }) {
             problems.append("user: must not be empty")
         }
         let groups = self.groups(fields, problems: &problems)
-        var path = self.text("path", fields, problems: &problems)
+        var path = self.text(.path, fields, problems: &problems)
         if let end = path.utf8.firstIndex(where: { $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "#") }) {
             path = String(path[..<end])
         }
-        let method = self.text("method", fields, problems: &problems)
-        let host = self.text("host", fields, problems: &problems)
+        let method = self.text(.method, fields, problems: &problems)
+        let host = self.text(.host, fields, problems: &problems)
         self.checkLength("user", user, &problems)
         self.checkLength("groups", groups, &problems)
         self.checkLength("path", path, &problems)
@@ -98,13 +111,14 @@ public struct CallbackDecoder: Sendable {
     /// Problems in field order, so replies are stable whatever order the body used.
     private static func ordered(_ problems: [String]) -> [String] {
         let rank = { (problem: String) in
-            CallbackFields.known.firstIndex { problem.hasPrefix($0 + ":") } ?? CallbackFields.known.count
+            CallbackFields.Field.allCases.firstIndex { problem.hasPrefix($0.name + ":") } ?? CallbackFields.Field.allCases.count
         }
         return problems.enumerated().sorted { (rank($0.element), $0.offset) < (rank($1.element), $1.offset) }.map(\.element)
     }
 
-    private func text(_ name: String, _ fields: CallbackFields, required: Bool = false, problems: inout [String]) -> String {
-        switch fields.values[name] {
+    private func text(_ field: CallbackFields.Field, _ fields: CallbackFields, required: Bool = false, problems: inout [String]) -> String {
+        let name = field.name
+        switch fields[field] {
         case nil:
             if required { problems.append("\(name): required") }
             return ""
@@ -123,7 +137,7 @@ public struct CallbackDecoder: Sendable {
     /// One label value for any way groups arrive: "a", "b, a" or ["a","b"] all become "a,b".
     private func groups(_ fields: CallbackFields, problems: inout [String]) -> String {
         let items: [String?]
-        switch fields.values["groups"] {
+        switch fields[.groups] {
         case nil: return ""
         case .text(let value): items = [value]
         case .list(let values): items = values
@@ -147,13 +161,14 @@ public struct CallbackDecoder: Sendable {
     }
 }
 
-extension StringProtocol {
+extension StringProtocol where UTF8View: BidirectionalCollection {
     /// Drops surrounding spaces, tabs and line breaks (no Foundation needed).
     public func trimmingASCIISpaces() -> String {
-        let isSpace = { (c: Character) in c == " " || c == "\t" || c == "\n" || c == "\r" }
-        guard let first = self.firstIndex(where: { !isSpace($0) }),
-            let last = self.lastIndex(where: { !isSpace($0) })
-        else { return "" }
+        let isSpace = { (byte: UInt8) in byte == 0x20 || byte == 0x09 || byte == 0x0A || byte == 0x0D }
+        let utf8 = self.utf8
+        guard let first = utf8.firstIndex(where: { !isSpace($0) }) else { return "" }
+        let last = utf8.lastIndex(where: { !isSpace($0) })!
+        // Spaces are single bytes, so these indices are character boundaries.
         return String(self[first...last])
     }
 }

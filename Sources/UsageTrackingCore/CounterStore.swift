@@ -23,7 +23,25 @@ public final class CounterFamily: Sendable {
     private let stripes: [Stripe]
 
     private final class Stripe: Sendable {
-        let series = Mutex<[LabelValues: UInt64]>([:])
+        let series = Mutex<[SeriesKey: UInt64]>([:])
+    }
+
+    /// Label values with their hash computed once: it picks the stripe and keys the dictionary.
+    private struct SeriesKey: Hashable {
+        let labels: LabelValues
+        let hash: Int
+
+        init(_ labels: LabelValues) {
+            self.labels = labels
+            self.hash = labels.hashValue
+        }
+
+        static func == (a: SeriesKey, b: SeriesKey) -> Bool { a.hash == b.hash && a.labels == b.labels }
+        func hash(into hasher: inout Hasher) { hasher.combine(self.hash) }
+    }
+
+    private func stripe(for key: SeriesKey) -> Stripe {
+        self.stripes[Int(UInt(bitPattern: key.hash) % UInt(self.stripes.count))]
     }
 
     public init(name: String, help: String, labelNames: [String], stripes: Int = 16) {
@@ -36,14 +54,14 @@ public final class CounterFamily: Sendable {
 
     public func increment(_ labelValues: LabelValues, by amount: UInt64 = 1) {
         precondition(labelValues.count == self.labelNames.count, "\(self.name): wrong number of label values")
-        let stripe = self.stripes[Int(UInt(bitPattern: labelValues.hashValue) % UInt(self.stripes.count))]
-        stripe.series.withLock { $0[labelValues, default: 0] &+= amount }
+        let key = SeriesKey(labelValues)
+        self.stripe(for: key).series.withLock { $0[key, default: 0] &+= amount }
     }
 
     /// The current value of one series (0 when it was never incremented).
     public func value(_ labelValues: LabelValues) -> UInt64 {
-        let stripe = self.stripes[Int(UInt(bitPattern: labelValues.hashValue) % UInt(self.stripes.count))]
-        return stripe.series.withLock { $0[labelValues] ?? 0 }
+        let key = SeriesKey(labelValues)
+        return self.stripe(for: key).series.withLock { $0[key] ?? 0 }
     }
 
     public var seriesCount: Int {
@@ -55,7 +73,7 @@ public final class CounterFamily: Sendable {
         for stripe in self.stripes {
             stripe.series.withLock { series in
                 all.reserveCapacity(all.count + series.count)
-                for (labels, value) in series { all.append((labels, value)) }
+                for (key, value) in series { all.append((key.labels, value)) }
             }
         }
         all.sort { $0.labels.lexicographicallyPrecedes($1.labels) }

@@ -14,15 +14,17 @@ enum FormScanner {
             let pair = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
             if !pair.isEmpty {
                 let equals = pair.firstIndex(of: UInt8(ascii: "=")) ?? pair.count
-                guard let name = String(validating: try decode(pair[0..<equals], at: start), as: UTF8.self) else {
-                    throw SyntaxError(message: "field name at byte \(start) is not valid UTF-8")
+                let name = try decode(pair[0..<equals], at: start)
+                if let field = CallbackFields.Field(name) {
+                    let value = equals < pair.count ? try decode(pair[(equals + 1)...], at: start + equals + 1) : []
+                    fields.add(field, .text(String(validating: value, as: UTF8.self)))
+                } else {
+                    fields.addUnknown(String(validating: name, as: UTF8.self) ?? "(not UTF-8)")
                 }
-                let value = equals < pair.count ? try decode(pair[(equals + 1)...], at: start + equals + 1) : []
-                fields.add(name: name, value: .text(String(validating: value, as: UTF8.self)))
             }
             start = end + 1
         }
-        guard !fields.names.isEmpty else { throw SyntaxError(message: "body is empty") }
+        guard !fields.isEmpty else { throw SyntaxError(message: "body is empty") }
         return fields
     }
 

@@ -31,17 +31,15 @@ struct JSONObjectScanner {
             while true {
                 scanner.skipWhitespace()
                 guard scanner.peek() == UInt8(ascii: "\"") else { throw scanner.error("expected a member name") }
-                guard let name = try scanner.readString() else {
-                    throw scanner.error("member name is not valid UTF-8")
-                }
+                let name = try scanner.readRawString()
                 scanner.skipWhitespace()
                 try scanner.expect(UInt8(ascii: ":"), "expected ':' after a member name")
                 scanner.skipWhitespace()
-                if CallbackFields.known.contains(name) {
-                    fields.add(name: name, value: try scanner.readFieldValue())
+                if let field = name.field {
+                    fields.add(field, try scanner.readFieldValue())
                 } else {
                     try scanner.skipValue(depth: 1)
-                    fields.add(name: name, value: .other("unknown"))
+                    fields.addUnknown(name.string ?? "(not UTF-8)")
                 }
                 scanner.skipWhitespace()
                 if scanner.peek() == UInt8(ascii: ",") {
@@ -195,9 +193,33 @@ struct JSONObjectScanner {
 
     // MARK: strings
 
-    /// Reads a string starting at its opening quote. Returns nil when its bytes, or a lone
-    /// surrogate escape, are not valid UTF-8; structural errors throw.
+    /// A string's content: the bytes between the quotes when it has no escapes, else decoded.
+    private enum RawString {
+        case verbatim(UnsafeRawBufferPointer)
+        case decoded([UInt8])
+
+        var field: CallbackFields.Field? {
+            switch self {
+            case .verbatim(let bytes): CallbackFields.Field(bytes)
+            case .decoded(let bytes): CallbackFields.Field(bytes)
+            }
+        }
+
+        /// nil when the bytes, or a lone surrogate escape, are not valid UTF-8.
+        var string: String? {
+            switch self {
+            case .verbatim(let bytes): validatedString(bytes)
+            case .decoded(let bytes): bytes.withUnsafeBytes { validatedString($0) }
+            }
+        }
+    }
+
+    /// Reads a string starting at its opening quote; structural errors throw.
     private mutating func readString() throws(SyntaxError) -> String? {
+        try self.readRawString().string
+    }
+
+    private mutating func readRawString() throws(SyntaxError) -> RawString {
         self.index += 1
         let start = self.index
         // Fast path: no escapes, so the string is the bytes between the quotes.
@@ -205,7 +227,7 @@ struct JSONObjectScanner {
             if byte == UInt8(ascii: "\"") {
                 let raw = UnsafeRawBufferPointer(rebasing: self.bytes[start..<self.index])
                 self.index += 1
-                return String(validating: raw, as: UTF8.self)
+                return .verbatim(raw)
             }
             if byte == UInt8(ascii: "\\") { break }
             guard byte >= 0x20 else { throw self.error("control character in a string") }
@@ -217,7 +239,7 @@ struct JSONObjectScanner {
             self.index += 1
             switch byte {
             case UInt8(ascii: "\""):
-                return String(validating: decoded, as: UTF8.self)
+                return .decoded(decoded)
             case UInt8(ascii: "\\"):
                 try self.readEscape(into: &decoded)
             case 0..<0x20:
@@ -326,4 +348,12 @@ struct JSONObjectScanner {
     private func error(_ message: String) -> SyntaxError {
         SyntaxError(message: "\(message) at byte \(self.index)")
     }
+}
+
+/// A string from UTF-8 bytes, or nil when they are not valid UTF-8. ASCII, which almost every
+/// callback is, takes a quick check instead of full validation.
+func validatedString(_ bytes: UnsafeRawBufferPointer) -> String? {
+    var combined: UInt8 = 0
+    for byte in bytes { combined |= byte }
+    return combined < 0x80 ? String(decoding: bytes, as: UTF8.self) : String(validating: bytes, as: UTF8.self)
 }

@@ -1,0 +1,71 @@
+// Times the core's hot path and exposition in a release build, with Foundation's JSONDecoder
+// measured in the same run as the reference. Prints figures; asserts nothing.
+//
+//   swift run -c release usage-tracking-core-benchmark [--only NAME] [--scale N]
+//
+// `--only track` runs just the hot path, for `valgrind --tool=callgrind`.
+import Foundation
+import UsageTrackingCore
+
+let arguments = CommandLine.arguments
+let only = arguments.firstIndex(of: "--only").map { arguments[$0 + 1] }
+let scale = arguments.firstIndex(of: "--scale").flatMap { Int(arguments[$0 + 1]) } ?? 1
+
+func measure(_ name: String, operations: Int, _ body: () -> Void) -> Double {
+    let start = DispatchTime.now().uptimeNanoseconds
+    body()
+    let nanoseconds = Double(DispatchTime.now().uptimeNanoseconds - start)
+    let perOperation = nanoseconds / Double(operations)
+    print("\(name.padding(toLength: 52, withPad: " ", startingAt: 0)) \(String(format: "%12.1f", perOperation)) ns/op  (\(operations) ops)")
+    return perOperation
+}
+
+let bodies: [[UInt8]] = (0..<100).map {
+    Array(#"{"groups":"premium","host":"localhost:8000","method":"POST","path":"/v1/completions","user":"premiumuser\#($0)"}"#.utf8)
+}
+
+if only == nil || only == "track" {
+    let decoder = CallbackDecoder()
+    let metrics = UsageMetrics()
+    let iterations = 1_000_000 * scale / (only == nil ? 1 : 10)
+    let ours = measure("decode + validate + increment (CallbackDecoder)", operations: iterations) {
+        for i in 0..<iterations {
+            let callback = try! decoder.decode(bodies[i % 100], contentType: "application/json")
+            metrics.requests.increment([callback.user, callback.groups, callback.path])
+        }
+    }
+    if only == nil {
+        struct Body: Decodable { var user: String; var groups: String; var path: String; var method: String; var host: String }
+        let reference = JSONDecoder()
+        let datas = bodies.map { Data($0) }
+        let foundation = measure("reference: JSONDecoder + increment", operations: iterations / 10) {
+            for i in 0..<iterations / 10 {
+                let body = try! reference.decode(Body.self, from: datas[i % 100])
+                metrics.requests.increment([body.user, body.groups, body.path])
+            }
+        }
+        print("ratio: CallbackDecoder path takes \(String(format: "%.2f", ours / foundation))x the time of the JSONDecoder path")
+    }
+}
+
+if only == nil || only == "exposition" {
+    let metrics = UsageMetrics()
+    let series = 100_000 * scale
+    var chunkTimes: [Double] = []
+    for chunk in 0..<10 {
+        chunkTimes.append(
+            measure("insert distinct users \(chunk * series / 10)..<\((chunk + 1) * series / 10)", operations: series / 10) {
+                for i in chunk * series / 10..<(chunk + 1) * series / 10 {
+                    metrics.requests.increment(["distinct\(i)", "bench", "/v1/completions"])
+                }
+            })
+    }
+    // Halves rather than single tenths: a tenth that happens to contain a table resize is slower.
+    let firstHalf = chunkTimes[..<5].reduce(0, +), secondHalf = chunkTimes[5...].reduce(0, +)
+    print("ratio: second half of the inserts took \(String(format: "%.2f", secondHalf / firstHalf))x the time of the first half (1.0 = linear)")
+    var text: [UInt8] = []
+    let render = measure("render \(series) series", operations: 1) { text = metrics.render() }
+    var compressed: [UInt8] = []
+    let zip = measure("gzip the rendering", operations: 1) { compressed = Gzip.compress(text) }
+    print("rendering: \(text.count) bytes, gzip \(compressed.count) bytes; render \(String(format: "%.1f", render / 1e6)) ms, gzip \(String(format: "%.1f", zip / 1e6)) ms")
+}
