@@ -29,6 +29,19 @@ public enum CallbackOutcome: String, Sendable, CaseIterable {
     case unsupportedMediaType = "unsupported_media_type"
     case methodNotAllowed = "method_not_allowed"
     case unauthorized
+
+    /// Position in `allCases`, without building that array on every call.
+    var index: Int {
+        switch self {
+        case .accepted: 0
+        case .malformed: 1
+        case .invalid: 2
+        case .tooLarge: 3
+        case .unsupportedMediaType: 4
+        case .methodNotAllowed: 5
+        case .unauthorized: 6
+        }
+    }
 }
 
 /// A callback that must not be counted, with every problem found in it.

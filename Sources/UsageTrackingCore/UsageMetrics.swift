@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Every metric the service exposes, and the one place that renders them.
 public final class UsageMetrics: Sendable {
     public static let version = "0.1.0"
@@ -9,13 +11,12 @@ public final class UsageMetrics: Sendable {
         labelNames: ["user", "groups", "path"]
     )
 
-    /// What happened to each callback; every outcome is present from the start, at 0.
-    public let callbacks = CounterFamily(
-        name: "usage_tracking_callbacks_total",
-        help: "Callbacks received on /track, by outcome: accepted, or the reason they were not counted.",
-        labelNames: ["outcome"],
-        stripes: 1
-    )
+    /// What happened to each callback, indexed like `CallbackOutcome.allCases`. A fixed set, so
+    /// plain atomics: recording an outcome costs no lock, hash or allocation.
+    private let outcomes = CallbackOutcome.allCases.map { _ in OutcomeCounter() }
+    private final class OutcomeCounter: Sendable {
+        let value = Atomic<UInt64>(0)
+    }
 
     public static let durationName = "usage_tracking_http_request_duration_seconds"
     public static let routes = ["track", "metrics", "healthz", "readyz", "debug", "other"]
@@ -25,12 +26,19 @@ public final class UsageMetrics: Sendable {
     /// Families whose series count is reported in `usage_tracking_series`.
     public var countedFamilies: [CounterFamily] { [self.requests] }
 
-    public init() {
-        for outcome in CallbackOutcome.allCases { self.callbacks.increment([outcome.rawValue], by: 0) }
-    }
+    public init() {}
 
     public func record(_ outcome: CallbackOutcome) {
-        self.callbacks.increment([outcome.rawValue])
+        self.outcomes[outcome.index].value.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    public func count(of outcome: CallbackOutcome) -> UInt64 {
+        self.outcomes[outcome.index].value.load(ordering: .relaxed)
+    }
+
+    /// Every outcome with its count, in name order (all present from the start, at 0).
+    public var outcomeCounts: [(outcome: CallbackOutcome, count: UInt64)] {
+        CallbackOutcome.allCases.sorted { $0.rawValue < $1.rawValue }.map { ($0, self.count(of: $0)) }
     }
 
     public func observe(route: Int, nanoseconds: UInt64) {
@@ -41,7 +49,11 @@ public final class UsageMetrics: Sendable {
         let usage = self.requests.snapshot()
         var writer = ExpositionWriter(capacity: 4096 + usage.count * 96)
         Self.write(self.requests, usage, to: &writer)
-        Self.write(self.callbacks, self.callbacks.snapshot(), to: &writer)
+        let callbacks = "usage_tracking_callbacks_total"
+        writer.family(callbacks, help: "Callbacks received on /track, by outcome: accepted, or the reason they were not counted.", type: .counter)
+        for (outcome, count) in self.outcomeCounts {
+            writer.sample(callbacks, labels: ["outcome"], values: [outcome.rawValue], value: count)
+        }
 
         writer.family(Self.durationName, help: "Time from a request's head arriving to its reply being written, by route.", type: .histogram)
         for (index, route) in Self.routes.enumerated() {

@@ -32,7 +32,7 @@ enum DebugEndpoint {
                 ])
             ),
             ("series", .object(state.metrics.countedFamilies.map { ($0.name, .integer(Int64($0.seriesCount))) })),
-            ("callbacks", .object(state.metrics.callbacks.snapshot().map { ($0.labels[0], .integer(Int64($0.value))) })),
+            ("callbacks", .object(state.metrics.outcomeCounts.map { ($0.outcome.rawValue, .integer(Int64($0.count))) })),
             ("recent_rejected", .array(recent.rejectedEntries.map(Self.json))),
             ("recent_accepted", .array(recent.acceptedEntries.map(Self.json))),
         ])

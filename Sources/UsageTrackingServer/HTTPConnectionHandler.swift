@@ -83,9 +83,10 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         guard !self.closing else { return }
         switch self.unwrapInboundIn(data) {
         case .head(let head):
+            // One clock read serves the idle timer and the latency histogram.
             self.lastActivity = context.eventLoop.now
             let route = Route(uri: head.uri)
-            var request = Request(head: head, route: route, startNanoseconds: NIODeadline.now().uptimeNanoseconds)
+            var request = Request(head: head, route: route, startNanoseconds: self.lastActivity.uptimeNanoseconds)
             if route == .track {
                 request.rejection = TrackEndpoint.check(head, state: self.state)
                 if request.rejection?.outcome == .tooLarge {
@@ -134,7 +135,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
             } else {
                 // The hot path: the prebuilt 202, no serialisation.
                 context.write(self.wrapOutboundOut(HTTPResponse.acceptedBytes), promise: nil)
-                self.observe(request)
+                self.observe(context: context, request)
             }
         case .metrics, .healthz, .readyz, .debug, .other:
             self.respond(context: context, request, self.readOnlyReply(request))
@@ -169,7 +170,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
     private func respond(context: ChannelHandlerContext, _ request: Request, _ response: HTTPResponse, forceClose: Bool = false) {
         let close = forceClose || self.mustClose(request.head)
         let bytes = response.serialized(allocator: context.channel.allocator, omitBody: request.head.method == .HEAD, close: close)
-        self.observe(request)
+        self.observe(context: context, request)
         if close {
             self.closing = true
             context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
@@ -180,8 +181,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    private func observe(_ request: Request) {
-        let elapsed = NIODeadline.now().uptimeNanoseconds &- request.startNanoseconds
+    private func observe(context: ChannelHandlerContext, _ request: Request) {
+        let elapsed = context.eventLoop.now.uptimeNanoseconds &- request.startNanoseconds
         self.state.metrics.observe(route: request.route.rawValue, nanoseconds: elapsed)
     }
 
