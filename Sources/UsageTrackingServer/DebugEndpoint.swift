@@ -22,6 +22,7 @@ enum DebugEndpoint {
                     ("max_label_bytes", .integer(Int64(config.maxLabelBytes))),
                     ("max_header_bytes", .integer(Int64(config.maxHeaderBytes))),
                     ("idle_timeout_seconds", .integer(config.idleTimeout.nanoseconds / 1_000_000_000)),
+                    ("drain_delay_seconds", .integer(config.drainDelay.nanoseconds / 1_000_000_000)),
                     ("shutdown_timeout_seconds", .integer(config.shutdownTimeout.nanoseconds / 1_000_000_000)),
                     ("event_loop_threads", .integer(Int64(config.eventLoopThreads))),
                     ("callback_secret_header", .string(config.callbackSecretHeader)),

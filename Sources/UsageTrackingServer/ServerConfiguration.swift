@@ -13,6 +13,9 @@ public struct ServerConfiguration: Sendable {
     public var maxHeaderBytes = 16 * 1024
     /// A connection with no bytes arriving for this long is closed.
     public var idleTimeout: TimeAmount = .seconds(60)
+    /// After SIGTERM, how long to keep accepting while `/readyz` reports 503, so Kubernetes can
+    /// take the pod out of the Service before the listener closes and no callback is refused.
+    public var drainDelay: TimeAmount = .zero
     /// How long shutdown waits for in-flight requests before closing connections anyway.
     public var shutdownTimeout: TimeAmount = .seconds(20)
     /// The header carrying the caller's secret. `Authorization` expects `Bearer <secret>`;

@@ -88,8 +88,9 @@ public final class UsageTrackingServer: Sendable {
         return server
     }
 
-    /// Stops accepting, lets every connection finish the request it is in (up to the shutdown
-    /// timeout), then closes what is left and stops the event loops. Safe to call twice.
+    /// Reports not-ready and keeps serving for the drain delay, then stops accepting, lets every
+    /// connection finish the request it is in (up to the shutdown timeout), closes what is left
+    /// and stops the event loops. Safe to call twice.
     public func shutdown() async {
         let first = self.stopped.withLock { stopped in
             defer { stopped = true }
@@ -98,6 +99,11 @@ public final class UsageTrackingServer: Sendable {
         guard first else { return }
         self.state.ready.store(false, ordering: .relaxed)
         self.secretWatcher?.cancel()
+        let drain = self.state.configuration.drainDelay
+        if drain > .zero {
+            self.state.logger.info("draining: /readyz reports 503", metadata: ["seconds": "\(Double(drain.nanoseconds) / 1e9)"])
+            try? await Task.sleep(for: .nanoseconds(drain.nanoseconds))
+        }
         self.state.logger.info("shutting down", metadata: ["connections": "\(self.connections.all.count)"])
         try? await self.listener.close()
         for channel in self.connections.all {

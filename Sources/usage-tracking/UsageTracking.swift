@@ -47,6 +47,9 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(help: "Seconds a connection may stay silent before it is closed. (env: USAGE_TRACKING_IDLE_TIMEOUT; default: 60)")
     var idleTimeout: Int?
 
+    @Option(help: "Seconds to keep serving after SIGTERM while /readyz reports 503, before the listener closes. (env: USAGE_TRACKING_DRAIN_DELAY; default: 0)")
+    var drainDelay: Int?
+
     @Option(help: "Seconds shutdown waits for in-flight requests. (env: USAGE_TRACKING_SHUTDOWN_TIMEOUT; default: 20)")
     var shutdownTimeout: Int?
 
@@ -68,6 +71,7 @@ struct UsageTracking: AsyncParsableCommand {
         config.maxLabelBytes = try self.maxLabelBytes ?? env.integer("USAGE_TRACKING_MAX_LABEL_BYTES") ?? config.maxLabelBytes
         config.maxHeaderBytes = try self.maxHeaderBytes ?? env.integer("USAGE_TRACKING_MAX_HEADER_BYTES") ?? config.maxHeaderBytes
         if let seconds = try self.idleTimeout ?? env.integer("USAGE_TRACKING_IDLE_TIMEOUT") { config.idleTimeout = .seconds(Int64(seconds)) }
+        if let seconds = try self.drainDelay ?? env.integer("USAGE_TRACKING_DRAIN_DELAY") { config.drainDelay = .seconds(Int64(seconds)) }
         if let seconds = try self.shutdownTimeout ?? env.integer("USAGE_TRACKING_SHUTDOWN_TIMEOUT") { config.shutdownTimeout = .seconds(Int64(seconds)) }
         config.eventLoopThreads = try self.eventLoopThreads ?? env.integer("USAGE_TRACKING_EVENT_LOOP_THREADS") ?? config.eventLoopThreads
         config.debugEnabled = !(try self.noDebug || env.boolean("USAGE_TRACKING_NO_DEBUG"))

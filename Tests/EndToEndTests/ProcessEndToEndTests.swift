@@ -16,6 +16,7 @@ import Testing
             ("--max-header-bytes", "USAGE_TRACKING_MAX_HEADER_BYTES", "16384"),
             ("--idle-timeout", "USAGE_TRACKING_IDLE_TIMEOUT", "60"),
             ("--shutdown-timeout", "USAGE_TRACKING_SHUTDOWN_TIMEOUT", "20"),
+            ("--drain-delay", "USAGE_TRACKING_DRAIN_DELAY", "0"),
             ("--event-loop-threads", "USAGE_TRACKING_EVENT_LOOP_THREADS", "one per core"),
         ]
         let flat = help.output.split(whereSeparator: \.isWhitespace).joined(separator: " ")
@@ -94,6 +95,19 @@ import Testing
         let responses = ParsedResponse.parseAll(try connection.readToEnd())
         #expect(responses.map(\.status) == [202])
         #expect(responses.first?.header("connection") == "close")
+        #expect(service.process.waitForExit() == 0)
+    }
+
+    /// With a drain delay, SIGTERM first turns readiness off while new connections are still
+    /// served, so a Kubernetes Service stops routing here before anything is refused.
+    @Test func drainDelayKeepsServingWhileNotReady() throws {
+        let service = try ServiceUnderTest(["--drain-delay", "2"])
+        service.process.signal(SIGTERM)
+        _ = try service.process.waitForLine(containing: "draining")
+        let ready = try service.send(RawHTTP.get("/readyz"))
+        #expect(ready.status == 503)
+        #expect(try service.track(#"{"user":"during-drain"}"#).status == 202)
+        _ = try service.process.waitForLine(containing: "shutting down")
         #expect(service.process.waitForExit() == 0)
     }
 }

@@ -1,0 +1,173 @@
+"""Shared harness for the integration suite: the built usage-tracking binary and a real
+Prometheus (Debian's package) on loopback, each started on a port of its own and stopped by PID."""
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEPLOY = os.path.join(ROOT, "Deploy")
+DASHBOARDS = os.path.join(ROOT, "Dashboards")
+CRDS = os.path.join(os.path.dirname(ROOT), "shared", "crds")
+
+
+def need(program):
+    path = shutil.which(program)
+    if path is None:
+        pytest.fail(f"{program} is not installed; Tests/run-suite installs it")
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port, method, path, body=None, headers=None, timeout=15):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+class Service:
+    """The built binary on 127.0.0.1 with a port the OS chose, read back from its log."""
+
+    def __init__(self, *arguments):
+        binary = os.environ.get("USAGE_TRACKING_BINARY", os.path.join(ROOT, ".build", "debug", "usage-tracking"))
+        if not os.access(binary, os.X_OK):
+            pytest.fail(f"{binary} not built; run `swift build` (Tests/run-suite does)")
+        self.process = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", *arguments],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            match = re.search(r'"msg":"listening","address":"[^"]*:(\d+)"', line)
+            if match:
+                self.port = int(match.group(1))
+                threading.Thread(target=self._drain, daemon=True).start()
+                return
+        self.stop()
+        pytest.fail("usage-tracking did not start:\n" + "".join(self.lines))
+
+    def _drain(self):
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def track(self, body, content_type="application/json"):
+        status, _, _ = request(self.port, "POST", "/track", body=body.encode(), headers={"Content-Type": content_type})
+        return status
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Prometheus:
+    """A real Prometheus scraping one target every second, evaluating `rule_groups` every second."""
+
+    def __init__(self, target_port, rule_groups=None):
+        self.directory = tempfile.mkdtemp(prefix="prometheus-")
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "usage-tracking", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
+        }
+        if rule_groups:
+            with open(os.path.join(self.directory, "rules.yaml"), "w") as f:
+                yaml.safe_dump({"groups": rule_groups}, f)
+            config["rule_files"] = [os.path.join(self.directory, "rules.yaml")]
+        with open(os.path.join(self.directory, "prometheus.yml"), "w") as f:
+            yaml.safe_dump(config, f)
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [need("prometheus"), f"--config.file={self.directory}/prometheus.yml",
+             f"--storage.tsdb.path={self.directory}/data", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--log.level=warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if request(self.port, "GET", "/-/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            if self.process.poll() is not None:
+                pytest.fail("prometheus exited: " + self.process.stderr.read())
+            time.sleep(0.2)
+        self.stop()
+        pytest.fail("prometheus did not become ready")
+
+    def query(self, promql):
+        """Instant query; returns (status, result list or error text)."""
+        status, _, body = request(self.port, "GET", "/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+        document = json.loads(body)
+        if document.get("status") != "success":
+            return "error", document.get("error", body.decode())
+        return "success", document["data"]["result"]
+
+    def wait_for(self, promql, done, seconds=30):
+        deadline = time.time() + seconds
+        result = None
+        while time.time() < deadline:
+            status, result = self.query(promql)
+            if status == "success" and done(result):
+                return result
+            time.sleep(0.5)
+        return result
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def callback(user, groups, path="/v1/completions"):
+    return json.dumps({"groups": groups, "host": "localhost:8000", "method": "POST", "path": path, "user": user},
+                      sort_keys=True, separators=(",", ":"))
+
+
+@pytest.fixture
+def service():
+    running = Service()
+    yield running
+    running.stop()
+
+
+def kustomize_objects():
+    output = subprocess.run([need("kubectl"), "kustomize", DEPLOY], capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(output) if doc]
+
+
+def prometheus_rule_groups():
+    rules = [o for o in kustomize_objects() if o["kind"] == "PrometheusRule"]
+    assert len(rules) == 1
+    return rules[0]["spec"]["groups"]
