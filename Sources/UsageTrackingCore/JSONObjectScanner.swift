@@ -23,31 +23,12 @@ struct JSONObjectScanner {
         guard scanner.peek() == UInt8(ascii: "{") else {
             throw scanner.error(scanner.atEnd ? "body is empty" : "body must be a JSON object")
         }
-        scanner.index += 1
-        scanner.skipWhitespace()
-        if scanner.peek() == UInt8(ascii: "}") {
-            scanner.index += 1
-        } else {
-            while true {
-                scanner.skipWhitespace()
-                guard scanner.peek() == UInt8(ascii: "\"") else { throw scanner.error("expected a member name") }
-                let name = try scanner.readRawString()
-                scanner.skipWhitespace()
-                try scanner.expect(UInt8(ascii: ":"), "expected ':' after a member name")
-                scanner.skipWhitespace()
-                if let field = name.field {
-                    fields.add(field, try scanner.readFieldValue())
-                } else {
-                    try scanner.skipValue(depth: 1)
-                    fields.addUnknown(name.string ?? "(not UTF-8)")
-                }
-                scanner.skipWhitespace()
-                if scanner.peek() == UInt8(ascii: ",") {
-                    scanner.index += 1
-                    continue
-                }
-                try scanner.expect(UInt8(ascii: "}"), "expected ',' or '}' after a member")
-                break
+        try scanner.readObject { (scanner, name) throws(SyntaxError) in
+            if let field = name.field {
+                fields.add(field, try scanner.readFieldValue())
+            } else {
+                try scanner.skipValue(depth: 1)
+                fields.addUnknown(name.string ?? "(not UTF-8)")
             }
         }
         scanner.skipWhitespace()
@@ -63,30 +44,17 @@ struct JSONObjectScanner {
             return .text(try self.readString())
         case UInt8(ascii: "["):
             // Keep the strings of an all-string array; anything else only needs its type named.
-            let start = self.index
-            self.index += 1
             var items: [String?] = []
-            self.skipWhitespace()
-            if self.peek() == UInt8(ascii: "]") {
-                self.index += 1
-                return .list(items)
-            }
-            while true {
-                self.skipWhitespace()
-                guard self.peek() == UInt8(ascii: "\"") else {
-                    self.index = start
-                    try self.skipValue(depth: 1)
-                    return .other("an array that holds non-strings")
+            var allStrings = true
+            try self.readArray { (scanner) throws(SyntaxError) in
+                if allStrings, scanner.peek() == UInt8(ascii: "\"") {
+                    items.append(try scanner.readString())
+                } else {
+                    allStrings = false
+                    try scanner.skipValue(depth: 2)
                 }
-                items.append(try self.readString())
-                self.skipWhitespace()
-                if self.peek() == UInt8(ascii: ",") {
-                    self.index += 1
-                    continue
-                }
-                try self.expect(UInt8(ascii: "]"), "expected ',' or ']' in an array")
-                return .list(items)
             }
+            return allStrings ? .list(items) : .other("an array that holds non-strings")
         default:
             let kind = self.kindOfValue()
             try self.skipValue(depth: 1)
@@ -109,52 +77,65 @@ struct JSONObjectScanner {
         case UInt8(ascii: "\""):
             _ = try self.readString()
         case UInt8(ascii: "{"):
-            self.index += 1
-            self.skipWhitespace()
-            if self.peek() == UInt8(ascii: "}") {
-                self.index += 1
-                return
-            }
-            while true {
-                self.skipWhitespace()
-                guard self.peek() == UInt8(ascii: "\"") else { throw self.error("expected a member name") }
-                _ = try self.readString()
-                self.skipWhitespace()
-                try self.expect(UInt8(ascii: ":"), "expected ':' after a member name")
-                self.skipWhitespace()
-                try self.skipValue(depth: depth + 1)
-                self.skipWhitespace()
-                if self.peek() == UInt8(ascii: ",") {
-                    self.index += 1
-                    continue
-                }
-                try self.expect(UInt8(ascii: "}"), "expected ',' or '}' after a member")
-                return
-            }
+            try self.readObject { (scanner, _) throws(SyntaxError) in try scanner.skipValue(depth: depth + 1) }
         case UInt8(ascii: "["):
-            self.index += 1
-            self.skipWhitespace()
-            if self.peek() == UInt8(ascii: "]") {
-                self.index += 1
-                return
-            }
-            while true {
-                self.skipWhitespace()
-                try self.skipValue(depth: depth + 1)
-                self.skipWhitespace()
-                if self.peek() == UInt8(ascii: ",") {
-                    self.index += 1
-                    continue
-                }
-                try self.expect(UInt8(ascii: "]"), "expected ',' or ']' in an array")
-                return
-            }
+            try self.readArray { (scanner) throws(SyntaxError) in try scanner.skipValue(depth: depth + 1) }
         case UInt8(ascii: "t"): try self.expectLiteral("true")
         case UInt8(ascii: "f"): try self.expectLiteral("false")
         case UInt8(ascii: "n"): try self.expectLiteral("null")
         case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): try self.skipNumber()
         default:
             throw self.error(self.atEnd ? "unexpected end of body" : "expected a JSON value")
+        }
+    }
+
+    /// Reads an object from its `{`, handing each member's name to `member` with the cursor on
+    /// the member's value, which `member` must consume.
+    private mutating func readObject(
+        _ member: (inout JSONObjectScanner, RawString) throws(SyntaxError) -> Void
+    ) throws(SyntaxError) {
+        self.index += 1
+        self.skipWhitespace()
+        if self.peek() == UInt8(ascii: "}") {
+            self.index += 1
+            return
+        }
+        while true {
+            self.skipWhitespace()
+            guard self.peek() == UInt8(ascii: "\"") else { throw self.error("expected a member name") }
+            let name = try self.readRawString()
+            self.skipWhitespace()
+            try self.expect(UInt8(ascii: ":"), "expected ':' after a member name")
+            self.skipWhitespace()
+            try member(&self, name)
+            self.skipWhitespace()
+            if self.peek() == UInt8(ascii: ",") {
+                self.index += 1
+                continue
+            }
+            try self.expect(UInt8(ascii: "}"), "expected ',' or '}' after a member")
+            return
+        }
+    }
+
+    /// Reads an array from its `[`, calling `element` with the cursor on each element.
+    private mutating func readArray(_ element: (inout JSONObjectScanner) throws(SyntaxError) -> Void) throws(SyntaxError) {
+        self.index += 1
+        self.skipWhitespace()
+        if self.peek() == UInt8(ascii: "]") {
+            self.index += 1
+            return
+        }
+        while true {
+            self.skipWhitespace()
+            try element(&self)
+            self.skipWhitespace()
+            if self.peek() == UInt8(ascii: ",") {
+                self.index += 1
+                continue
+            }
+            try self.expect(UInt8(ascii: "]"), "expected ',' or ']' in an array")
+            return
         }
     }
 

@@ -45,6 +45,17 @@ def request(port, method, path, body=None, headers=None, timeout=15):
         connection.close()
 
 
+def stop(process):
+    """SIGTERM, then SIGKILL if it has not exited within 15 s; only ever a process started here."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class Service:
     """The built binary on 127.0.0.1 with a port the OS chose, read back from its log."""
 
@@ -66,7 +77,7 @@ class Service:
                 self.port = int(match.group(1))
                 threading.Thread(target=self._drain, daemon=True).start()
                 return
-        self.stop()
+        stop(self.process)
         pytest.fail("usage-tracking did not start:\n" + "".join(self.lines))
 
     def _drain(self):
@@ -78,13 +89,7 @@ class Service:
         return status
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process)
 
 
 class Prometheus:
@@ -118,7 +123,7 @@ class Prometheus:
             if self.process.poll() is not None:
                 pytest.fail("prometheus exited: " + self.process.stderr.read())
             time.sleep(0.2)
-        self.stop()
+        stop(self.process)
         pytest.fail("prometheus did not become ready")
 
     def query(self, promql):
@@ -140,13 +145,7 @@ class Prometheus:
         return result
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

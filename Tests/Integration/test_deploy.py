@@ -87,23 +87,16 @@ def rules_directory():
     return directory
 
 
-def test_promtool_check_rules():
+@pytest.mark.parametrize("arguments,expected", [
+    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 10 rules found"),
+    (["test", "rules", "prometheusrule-test.yaml"], "SUCCESS"),
+])
+def test_promtool_on_the_rules(arguments, expected):
     directory = rules_directory()
     try:
-        result = subprocess.run([need("promtool"), "check", "rules", "usage-tracking.rules.yaml"],
-                                cwd=directory, capture_output=True, text=True)
+        result = subprocess.run([need("promtool"), *arguments], cwd=directory, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "SUCCESS: 10 rules found" in result.stdout
-    finally:
-        shutil.rmtree(directory)
-
-
-def test_promtool_test_rules():
-    directory = rules_directory()
-    try:
-        result = subprocess.run([need("promtool"), "test", "rules", "prometheusrule-test.yaml"],
-                                cwd=directory, capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert expected in result.stdout + result.stderr
     finally:
         shutil.rmtree(directory)
 
