@@ -94,6 +94,10 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
                     self.respond(context: context, request, TrackEndpoint.reply(to: request.rejection!, head, state: self.state), forceClose: true)
                     return
                 }
+                // curl and others wait (about a second) for this before sending a large body.
+                if request.rejection == nil, head.headers.first(name: "expect")?.lowercased() == "100-continue" {
+                    context.write(self.wrapOutboundOut(HTTPResponse.continueBytes), promise: nil)
+                }
             }
             self.request = request
         case .body(var chunk):

@@ -43,6 +43,9 @@ struct HTTPResponse {
         return buffer
     }
 
+    /// The interim reply to `Expect: 100-continue`.
+    static let continueBytes = ByteBuffer(string: "HTTP/1.1 100 Continue\r\n\r\n")
+
     /// The reply to an accepted callback, built once: 202 with no body, which Authorino treats
     /// as success whatever it expects (it JSON-decodes only replies labelled JSON).
     static let acceptedBytes = HTTPResponse(status: .accepted).serialized(allocator: ByteBufferAllocator(), omitBody: false, close: false)

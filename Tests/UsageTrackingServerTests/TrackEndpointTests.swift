@@ -84,6 +84,22 @@ private let authorinoBody = #"{"groups":"premium","host":"localhost:8000","metho
         #expect(harness.state.metrics.requests.seriesCount == 0)
     }
 
+    @Test func expectContinueGetsAnInterimReplyBeforeTheBody() throws {
+        let harness = try PipelineHarness()
+        let body = #"{"user":"patient"}"#
+        let head = "POST /track HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: \(body.utf8.count)\r\n\r\n"
+        let interim = try harness.send(head)
+        #expect(interim.map(\.status) == [100])
+        #expect(try harness.send(body).map(\.status) == [202])
+        #expect(harness.state.metrics.requests.value(["patient", "", ""]) == 1)
+    }
+
+    @Test func expectContinueIsNotSentWhenTheHeadIsAlreadyRefused() throws {
+        let harness = try PipelineHarness { $0.callbackSecret = "s" }
+        let responses = try harness.send("POST /track HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}")
+        #expect(responses.map(\.status) == [401])
+    }
+
     @Test func chunkedBodyWithinTheLimitIsCounted() throws {
         let harness = try PipelineHarness()
         let head = "POST /track HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
