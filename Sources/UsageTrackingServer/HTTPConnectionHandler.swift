@@ -102,19 +102,20 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
             self.request = request
         case .body(var chunk):
             self.lastActivity = context.eventLoop.now
-            guard var request = self.request, request.route == .track, request.rejection == nil else { return }
-            if (request.body?.readableBytes ?? 0) + chunk.readableBytes > self.state.configuration.maxBodyBytes {
-                let rejection = TrackEndpoint.tooLarge(self.state)
+            guard self.request?.route == .track, self.request?.rejection == nil else { return }
+            if (self.request?.body?.readableBytes ?? 0) + chunk.readableBytes > self.state.configuration.maxBodyBytes {
+                let request = self.request!
                 self.request = nil
-                self.respond(context: context, request, TrackEndpoint.reply(to: rejection, request.head, state: self.state), forceClose: true)
+                self.respond(context: context, request, TrackEndpoint.reply(to: TrackEndpoint.tooLarge(self.state), request.head, state: self.state), forceClose: true)
                 return
             }
-            if request.body == nil {
-                request.body = chunk
+            // Mutated in place through `self.request`, so a body in several chunks is not copied
+            // once per chunk.
+            if self.request?.body == nil {
+                self.request?.body = chunk
             } else {
-                request.body!.writeBuffer(&chunk)
+                self.request?.body?.writeBuffer(&chunk)
             }
-            self.request = request
         case .end:
             guard let request = self.request else { return }
             self.request = nil
