@@ -203,7 +203,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         case .headerOverflow?:
             response = .error(.requestHeaderFieldsTooLarge, "request header too large", ["request head exceeds \(self.state.configuration.maxHeaderBytes) bytes"])
         case let parserError?:
-            response = .error(.badRequest, "malformed HTTP request", ["\(parserError)"])
+            response = .error(.badRequest, "malformed HTTP request", ["not valid HTTP/1.1 (\(parserError))"])
         case nil:
             context.close(promise: nil)
             return

@@ -36,6 +36,25 @@ import Testing
         let level = try RunningProcess(try builtBinary(), ["--log-level", "loud"])
         #expect(level.waitForExit() != 0)
         #expect(level.lines.joined().contains("log level 'loud' is not one of trace, debug, info"))
+        let secret = try RunningProcess(try builtBinary(), ["--port", "0", "--callback-secret-file", "/nonexistent/secret"])
+        #expect(secret.waitForExit() == 1)
+        #expect(secret.lines.joined().contains("cannot read callback secret file /nonexistent/secret: No such file or directory"))
+    }
+
+    /// Each limit and switch reaches the server, by flag or by its environment variable.
+    @Test func flagsAndVariablesTakeEffect() throws {
+        let service = try ServiceUnderTest(
+            ["--max-body-bytes", "64", "--no-debug"], environment: ["USAGE_TRACKING_MAX_LABEL_BYTES": "8"]
+        )
+        defer { service.process.stop() }
+        #expect(try service.track(#"{"user":"eight888"}"#).status == 202)
+        let long = try service.track(#"{"user":"nine99999"}"#)
+        #expect(long.status == 422)
+        #expect(long.text == #"{"error":"invalid callback","problems":["user: 9 bytes; the limit is 8"]}"# + "\n")
+        let large = try service.track(#"{"user":"u","padding":"\#(String(repeating: "x", count: 64))"}"#)
+        #expect(large.status == 413)
+        #expect(large.text == #"{"error":"body too large","problems":["body exceeds the limit of 64 bytes"]}"# + "\n")
+        #expect(try service.send(RawHTTP.get("/debug")).status == 404)
     }
 
     @Test func environmentSecretAndDebugLogsWithRequestID() throws {
