@@ -6,9 +6,10 @@ import UsageTrackingCore
 /// One per connection, after NIO's request decoder. Routes each request, answers it on the
 /// event loop, and writes the serialised reply straight to the socket.
 ///
-/// Requests are answered in the order they arrive and before the next one is read, so pipelined
-/// requests need no queue. Replies are flushed once per socket read, so a pipelined batch goes
-/// out in one write.
+/// Requests are answered in the order they arrive. All but `/metrics` are answered before the next
+/// one is read; while a `/metrics` reply is rendered off the loop, later pipelined requests wait
+/// in `queued`. Replies are flushed once per socket read, so a pipelined batch goes out in one
+/// write.
 final class HTTPConnectionHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = ByteBuffer
@@ -24,6 +25,9 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
 
     private let state: ServerState
     private var request: Request?
+    /// True while a reply is being rendered off the loop; input meanwhile goes to `queued`.
+    private var awaitingReply = false
+    private var queued: [HTTPServerRequestPart] = []
     /// Set once shutdown asks connections to finish: close after the current reply.
     private var quiescing = false
     /// Set once a reply that closes the connection was written; later input is ignored.
@@ -59,7 +63,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
             return
         }
         self.quiescing = true
-        if self.request == nil { context.close(promise: nil) }
+        if self.request == nil, !self.awaitingReply, self.queued.isEmpty { context.close(promise: nil) }
     }
 
     /// Idle connections are closed. The timer is not moved on every read (that would cost a
@@ -81,7 +85,16 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !self.closing else { return }
-        switch self.unwrapInboundIn(data) {
+        let part = self.unwrapInboundIn(data)
+        if self.awaitingReply {
+            self.queued.append(part)
+        } else {
+            self.process(context: context, part)
+        }
+    }
+
+    private func process(context: ChannelHandlerContext, _ part: HTTPServerRequestPart) {
+        switch part {
         case .head(let head):
             // One clock read serves the idle timer and the latency histogram.
             self.lastActivity = context.eventLoop.now
@@ -142,8 +155,26 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
                 context.write(self.wrapOutboundOut(HTTPResponse.acceptedBytes), promise: nil)
                 self.observe(context: context, request)
             }
+        case .metrics where head.method == .GET || head.method == .HEAD:
+            self.respondOffLoop(context: context, request) { [state] in MetricsEndpoint.reply(head, state: state) }
         case .metrics, .healthz, .readyz, .debug, .other:
             self.respond(context: context, request, self.readOnlyReply(request))
+        }
+    }
+
+    /// Renders a reply with `ServerState.runOffLoop`, then writes it and carries on with whatever
+    /// arrived meanwhile, in order.
+    private func respondOffLoop(context: ChannelHandlerContext, _ request: Request, _ work: @escaping @Sendable () -> HTTPResponse) {
+        self.awaitingReply = true
+        self.state.runOffLoop(context.eventLoop, work).assumeIsolated().whenComplete { result in
+            self.awaitingReply = false
+            let response = (try? result.get()) ?? .error(.serviceUnavailable, "shutting down", ["the server is stopping"])
+            self.respond(context: context, request, response)
+            while !self.awaitingReply, !self.closing, !self.queued.isEmpty {
+                self.process(context: context, self.queued.removeFirst())
+            }
+            context.flush()
+            if self.quiescing, self.request == nil, !self.awaitingReply, !self.closing { context.close(promise: nil) }
         }
     }
 
@@ -160,11 +191,10 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
             )
         }
         switch request.route {
-        case .metrics: return MetricsEndpoint.reply(request.head, state: self.state)
         case .healthz: return HealthEndpoints.liveness()
         case .readyz: return HealthEndpoints.readiness(state: self.state)
         case .debug: return DebugEndpoint.reply(state: self.state)
-        case .track, .other: preconditionFailure("handled above")
+        case .track, .other, .metrics: preconditionFailure("answered elsewhere")
         }
     }
 

@@ -4,7 +4,7 @@ import UsageTrackingCore
 
 /// A complete reply, serialised by hand: every route answers synchronously with a whole body, so
 /// there is no streaming to support and no reason for a response encoder in the pipeline.
-struct HTTPResponse {
+struct HTTPResponse: Sendable {
     var status: HTTPResponseStatus
     var headers: [(String, String)] = []
     var body: [UInt8] = []

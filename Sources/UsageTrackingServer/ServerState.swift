@@ -7,6 +7,13 @@ import UsageTrackingCore
 /// What all connections share: the counters, the decoder, the secrets and the debug lists.
 /// Everything here is safe to use from any event loop.
 final class ServerState: Sendable {
+    /// Runs work too slow for an event loop (rendering `/metrics`: 0.1 s at 100k series, over a
+    /// second at 1M) elsewhere and delivers the reply back on `eventLoop`, so a scrape never
+    /// stalls the callbacks that share the loop. The server uses a `NIOThreadPool`.
+    typealias OffLoopRunner = @Sendable (
+        _ eventLoop: EventLoop, _ work: @escaping @Sendable () -> HTTPResponse
+    ) -> EventLoopFuture<HTTPResponse>
+
     let configuration: ServerConfiguration
     let logger: Logger
     let metrics: UsageMetrics
@@ -16,8 +23,13 @@ final class ServerState: Sendable {
     let recent: RecentCallbacks?
     let startedAt = NIODeadline.now()
     let ready = Atomic<Bool>(false)
+    let runOffLoop: OffLoopRunner
 
-    init(configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets) {
+    init(
+        configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets,
+        runOffLoop: @escaping OffLoopRunner
+    ) {
+        self.runOffLoop = runOffLoop
         self.configuration = configuration
         self.logger = logger
         self.metrics = metrics

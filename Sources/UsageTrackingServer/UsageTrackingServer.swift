@@ -13,18 +13,20 @@ public final class UsageTrackingServer: Sendable {
     public let localAddress: SocketAddress
     private let state: ServerState
     private let group: MultiThreadedEventLoopGroup
+    private let renderPool: NIOThreadPool
     private let listener: Channel
     private let connections: OpenConnections
     private let secretWatcher: Task<Void, Never>?
     private let stopped = Mutex(false)
 
     private init(
-        state: ServerState, group: MultiThreadedEventLoopGroup, listener: Channel,
+        state: ServerState, group: MultiThreadedEventLoopGroup, renderPool: NIOThreadPool, listener: Channel,
         connections: OpenConnections, secretWatcher: Task<Void, Never>?
     ) {
         self.state = state
         self.metrics = state.metrics
         self.group = group
+        self.renderPool = renderPool
         self.listener = listener
         self.localAddress = listener.localAddress!
         self.connections = connections
@@ -47,7 +49,12 @@ public final class UsageTrackingServer: Sendable {
         configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics = UsageMetrics()
     ) async throws -> UsageTrackingServer {
         let secrets = try CallbackSecrets(value: configuration.callbackSecret, filePath: configuration.callbackSecretFile)
-        let state = ServerState(configuration: configuration, logger: logger, metrics: metrics, secrets: secrets)
+        let renderPool = NIOThreadPool(numberOfThreads: 1)
+        renderPool.start()
+        let state = ServerState(
+            configuration: configuration, logger: logger, metrics: metrics, secrets: secrets,
+            runOffLoop: { eventLoop, work in renderPool.runIfActive(eventLoop: eventLoop, work) }
+        )
         Self.logAuthentication(state)
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
@@ -67,6 +74,7 @@ public final class UsageTrackingServer: Sendable {
                 .get()
         } catch {
             try? await group.shutdownGracefully()
+            try? await renderPool.shutdownGracefully()
             throw error
         }
 
@@ -81,7 +89,7 @@ public final class UsageTrackingServer: Sendable {
             }
         }
 
-        let server = UsageTrackingServer(state: state, group: group, listener: listener, connections: connections, secretWatcher: watcher)
+        let server = UsageTrackingServer(state: state, group: group, renderPool: renderPool, listener: listener, connections: connections, secretWatcher: watcher)
         state.ready.store(true, ordering: .relaxed)
         let address = "\(server.localAddress.ipAddress ?? configuration.host):\(server.localAddress.port ?? configuration.port)"
         logger.info("listening", metadata: ["address": "\(address)", "version": "\(UsageMetrics.version)"])
@@ -117,6 +125,7 @@ public final class UsageTrackingServer: Sendable {
             try? await channel.close()
         }
         try? await self.group.shutdownGracefully()
+        try? await self.renderPool.shutdownGracefully()
         self.state.logger.info("stopped")
     }
 

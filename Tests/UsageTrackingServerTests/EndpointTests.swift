@@ -155,3 +155,55 @@ import UsageTrackingCore
         #expect(!harness.channel.isActive)
     }
 }
+
+/// `/metrics` is rendered off the event loop; requests behind it on the same connection wait
+/// and are answered in order once it is written.
+@Suite struct OffLoopReplyTests {
+    /// Holds off-loop work until the test releases it (on the embedded loop's thread).
+    final class HeldWork: @unchecked Sendable {
+        private var held: [(EventLoopPromise<HTTPResponse>, @Sendable () -> HTTPResponse)] = []
+
+        func runner() -> ServerState.OffLoopRunner {
+            { eventLoop, work in
+                let promise = eventLoop.makePromise(of: HTTPResponse.self)
+                self.held.append((promise, work))
+                return promise.futureResult
+            }
+        }
+
+        var count: Int { self.held.count }
+
+        func release() {
+            let held = self.held
+            self.held = []
+            for (promise, work) in held { promise.succeed(work()) }
+        }
+    }
+
+    @Test func pipelinedRequestsWaitBehindARenderingScrape() throws {
+        let work = HeldWork()
+        let harness = try PipelineHarness(runOffLoop: work.runner())
+        let batch = PipelineHarness.get("/metrics") + PipelineHarness.post(#"{"user":"after"}"#) + PipelineHarness.get("/healthz")
+        #expect(try harness.send(batch).isEmpty)
+        #expect(work.count == 1)
+        #expect(harness.state.metrics.requests.value(["after", "", ""]) == 0, "queued, not yet handled")
+        work.release()
+        let responses = try harness.responses()
+        #expect(responses.map(\.status) == [200, 202, 200])
+        #expect(!responses[0].text.contains("after"), "the scrape was rendered before the callback behind it")
+        #expect(harness.state.metrics.requests.value(["after", "", ""]) == 1)
+    }
+
+    @Test func quiesceDuringARenderClosesAfterTheReply() throws {
+        let work = HeldWork()
+        let harness = try PipelineHarness(runOffLoop: work.runner())
+        #expect(try harness.send(PipelineHarness.get("/metrics")).isEmpty)
+        harness.channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        #expect(harness.channel.isActive)
+        work.release()
+        let responses = try harness.responses()
+        #expect(responses.map(\.status) == [200])
+        #expect(responses[0].header("connection") == "close")
+        #expect(!harness.channel.isActive)
+    }
+}

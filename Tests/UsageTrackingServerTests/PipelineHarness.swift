@@ -18,7 +18,12 @@ final class PipelineHarness {
     let state: ServerState
     let logs = LogLines()
 
-    init(_ configure: (inout ServerConfiguration) -> Void = { _ in }, logLevel: Logger.Level = .info, ready: Bool = true) throws {
+    /// Off-loop work runs inline by default, so replies are written before `send` returns; a test
+    /// of the ordering around slow replies passes its own runner.
+    init(
+        _ configure: (inout ServerConfiguration) -> Void = { _ in }, logLevel: Logger.Level = .info, ready: Bool = true,
+        runOffLoop: @escaping ServerState.OffLoopRunner = { eventLoop, work in eventLoop.makeSucceededFuture(work()) }
+    ) throws {
         var configuration = ServerConfiguration()
         configure(&configuration)
         let logs = self.logs
@@ -26,7 +31,9 @@ final class PipelineHarness {
             JSONLogHandler(level: logLevel) { line in logs.lines.withLock { $0.append(line) } }
         }
         let secrets = try CallbackSecrets(value: configuration.callbackSecret, filePath: configuration.callbackSecretFile)
-        self.state = ServerState(configuration: configuration, logger: logger, metrics: UsageMetrics(), secrets: secrets)
+        self.state = ServerState(
+            configuration: configuration, logger: logger, metrics: UsageMetrics(), secrets: secrets, runOffLoop: runOffLoop
+        )
         self.state.ready.store(ready, ordering: .relaxed)
         try UsageTrackingServer.configurePipeline(self.channel, state: self.state)
         try self.channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9999)).wait()
