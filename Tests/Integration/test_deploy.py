@@ -208,3 +208,20 @@ def test_dashboard_variables_find_their_values(fed_prometheus):
     assert found["namespace"] == {None}  # no namespace label outside Kubernetes; the query still runs
     assert found["group"] == {"free", "premium"}
     assert found["user"] == {"user0", "user1", "user2", "user3"}
+
+
+def test_containerfile_agrees_with_the_package_and_the_deployment():
+    """The Containerfile cannot be built here (no container engine); check what can be checked."""
+    with open(os.path.join(DEPLOY, "Containerfile")) as f:
+        containerfile = f.read()
+    with open(os.path.join(os.path.dirname(DEPLOY), "Package.swift")) as f:
+        assert '.executable(name: "usage-tracking"' in f.read()
+    stages = re.findall(r"^FROM (\S+)", containerfile, re.M)
+    assert stages == ["swift:6.3-noble", "ubuntu:24.04"], "build and runtime images must share a distribution (glibc)"
+    assert "--product usage-tracking --static-swift-stdlib" in containerfile
+    user = re.search(r"^USER (\d+):(\d+)$", containerfile, re.M)
+    assert re.search(r"^EXPOSE 8080$", containerfile, re.M)
+    deployment = next(o for o in kustomize_objects() if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (int(user.group(1)), int(user.group(2)))
+    assert pod["containers"][0]["ports"][0]["containerPort"] == 8080
