@@ -92,7 +92,7 @@ public final class CallbackSecrets: Sendable {
 
     private static func load(_ path: String) throws(LoadError) -> ([[UInt8]], FileVersion?) {
         let version = Self.version(of: path)
-        guard let text = ProcessMetrics.readFile(path) else { throw .unreadable(path: path, errno: errno) }
+        guard let text = readWholeFile(path) else { throw .unreadable(path: path, errno: errno) }
         return (Self.parse(text), version)
     }
 

@@ -1,6 +1,6 @@
 /// A JSON value for the few documents the service writes (error replies, logs, the debug view).
 /// Not used on the accepted-callback path, which writes no JSON.
-public indirect enum JSONText: Sendable, Equatable {
+public indirect enum JSONText: Sendable {
     case string(String)
     case number(Double)
     case integer(Int64)
@@ -9,8 +9,6 @@ public indirect enum JSONText: Sendable, Equatable {
     case array([JSONText])
     /// Members keep the order given, so documents read the same every time.
     case object([(String, JSONText)])
-
-    public static func == (a: JSONText, b: JSONText) -> Bool { a.serialized == b.serialized }
 
     public var serialized: String {
         var out = ""

@@ -15,7 +15,7 @@ public struct ProcessMetrics: Sendable {
         let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
         let pageSize = Double(sysconf(Int32(_SC_PAGESIZE)))
         // Fields after the command name, which is in parentheses and may itself hold spaces.
-        if let stat = readFile("/proc/self/stat"), let close = stat.lastIndex(of: ")") {
+        if let stat = readWholeFile("/proc/self/stat"), let close = stat.lastIndex(of: ")") {
             let fields = stat[stat.index(after: close)...].split(separator: " ")
             // fields[0] is field 3 (state) of proc(5).
             if fields.count > 21, let utime = Double(fields[11]), let stime = Double(fields[12]),
@@ -50,7 +50,7 @@ public struct ProcessMetrics: Sendable {
     }
 
     private static func bootTime() -> Double? {
-        guard let stat = readFile("/proc/stat") else { return nil }
+        guard let stat = readWholeFile("/proc/stat") else { return nil }
         for line in stat.split(separator: "\n") where line.hasPrefix("btime ") {
             return Double(line.dropFirst(6).trimmingASCIISpaces())
         }
@@ -69,20 +69,6 @@ public struct ProcessMetrics: Sendable {
         }
         // The directory being read holds one descriptor of its own.
         return Double(count - 1)
-    }
-
-    /// /proc files report a size of 0, so read until end of file.
-    static func readFile(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var contents: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            guard count > 0 else { return count == 0 ? String(decoding: contents, as: UTF8.self) : nil }
-            contents.append(contentsOf: chunk[0..<count])
-        }
     }
 }
 

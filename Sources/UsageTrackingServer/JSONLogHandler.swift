@@ -73,3 +73,10 @@ public struct JSONLogHandler: LogHandler {
         }
     }
 }
+
+/// Seconds since the Unix epoch, for timestamps people read.
+func wallClock() -> Double {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+}

@@ -1,4 +1,3 @@
-import Glibc
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -102,11 +101,4 @@ enum TrackEndpoint {
         if rejection.outcome == .unauthorized { headers += Self.challenge(state) }
         return .error(status, rejection.summary, rejection.problems, headers: headers)
     }
-}
-
-/// Seconds since the Unix epoch, for timestamps people read.
-func wallClock() -> Double {
-    var now = timespec()
-    clock_gettime(CLOCK_REALTIME, &now)
-    return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
 }

@@ -207,3 +207,14 @@ import UsageTrackingCore
         #expect(!harness.channel.isActive)
     }
 }
+
+@Suite struct RouteTests {
+    /// `Route` (server) indexes the per-route histograms named in `UsageMetrics.routes` (core).
+    @Test func routesAndHistogramLabelsAgree() {
+        for (index, name) in UsageMetrics.routes.enumerated() where name != "other" {
+            #expect(Route(uri: "/\(name)?x=1").rawValue == index, "\(name)")
+        }
+        #expect(Route(uri: "/elsewhere") == .other)
+        #expect(UsageMetrics.routes[Route.other.rawValue] == "other")
+    }
+}
