@@ -8,7 +8,6 @@ import UsageTrackingCore
 /// The running service. `start` builds everything from a `ServerConfiguration`, so `main` and
 /// the tests run exactly the same server.
 public final class UsageTrackingServer: Sendable {
-    public let metrics: UsageMetrics
     /// Where the server listens; with port 0 in the configuration, the port the OS chose.
     public let localAddress: SocketAddress
     private let state: ServerState
@@ -24,7 +23,6 @@ public final class UsageTrackingServer: Sendable {
         connections: OpenConnections, secretWatcher: Task<Void, Never>?
     ) {
         self.state = state
-        self.metrics = state.metrics
         self.group = group
         self.renderPool = renderPool
         self.listener = listener
@@ -46,13 +44,13 @@ public final class UsageTrackingServer: Sendable {
     }
 
     public static func start(
-        configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics = UsageMetrics()
+        configuration: ServerConfiguration, logger: Logger
     ) async throws -> UsageTrackingServer {
         let secrets = try CallbackSecrets(value: configuration.callbackSecret, filePath: configuration.callbackSecretFile)
         let renderPool = NIOThreadPool(numberOfThreads: 1)
         renderPool.start()
         let state = ServerState(
-            configuration: configuration, logger: logger, metrics: metrics, secrets: secrets,
+            configuration: configuration, logger: logger, metrics: UsageMetrics(), secrets: secrets,
             runOffLoop: { eventLoop, work in renderPool.runIfActive(eventLoop: eventLoop, work) }
         )
         Self.logAuthentication(state)
