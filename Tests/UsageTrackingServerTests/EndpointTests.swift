@@ -218,3 +218,15 @@ import UsageTrackingCore
         #expect(UsageMetrics.routes[Route.other.rawValue] == "other")
     }
 }
+
+@Suite struct StoppingTests {
+    struct RendererStopped: Error {}
+
+    /// Once the render thread has stopped (shutdown), a scrape still gets a clear reply.
+    @Test func scrapeDuringShutdownGets503() throws {
+        let harness = try PipelineHarness(runOffLoop: { eventLoop, _ in eventLoop.makeFailedFuture(RendererStopped()) })
+        let responses = try harness.send(PipelineHarness.get("/metrics"))
+        #expect(responses.map(\.status) == [503])
+        #expect(responses[0].text == #"{"error":"shutting down","problems":["the server is stopping"]}"# + "\n")
+    }
+}
