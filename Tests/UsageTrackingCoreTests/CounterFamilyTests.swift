@@ -2,7 +2,7 @@ import Testing
 
 @testable import UsageTrackingCore
 
-@Suite struct CounterStoreTests {
+@Suite struct CounterFamilyTests {
     @Test func concurrentIncrementsOfOverlappingSeriesSumExactly() async {
         let family = CounterFamily(name: "t_total", help: "t", labelNames: ["user", "path"])
         let tasks = 8
