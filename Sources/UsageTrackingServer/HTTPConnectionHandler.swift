@@ -174,19 +174,18 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
                 self.process(context: context, self.queued.removeFirst())
             }
             context.flush()
-            if self.quiescing, self.request == nil, !self.awaitingReply, !self.closing { context.close(promise: nil) }
         }
     }
 
     private func readOnlyReply(_ request: Request) -> HTTPResponse {
-        let path = request.head.uri
+        let path = request.head.uri.prefix { $0 != "?" }
         guard request.route != .other else {
-            return .error(.notFound, "not found", ["no route for \(path.prefix { $0 != "?" })"])
+            return .error(.notFound, "not found", ["no route for \(path)"])
         }
         guard request.head.method == .GET || request.head.method == .HEAD else {
             return .error(
                 .methodNotAllowed, "method not allowed",
-                ["\(request.head.method.rawValue) \(path.prefix { $0 != "?" }) is not allowed; use GET"],
+                ["\(request.head.method.rawValue) \(path) is not allowed; use GET"],
                 headers: [("allow", "GET, HEAD")]
             )
         }
@@ -207,12 +206,18 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         let bytes = response.serialized(allocator: context.channel.allocator, omitBody: request.head.method == .HEAD, close: close)
         self.observe(context: context, request)
         if close {
-            self.closing = true
-            context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
-                context.close(promise: nil)
-            }
+            self.writeAndClose(context: context, bytes)
         } else {
             context.write(self.wrapOutboundOut(bytes), promise: nil)
+        }
+    }
+
+    /// The last reply on this connection: input after it is ignored, and the socket closes once
+    /// the reply is out.
+    private func writeAndClose(context: ChannelHandlerContext, _ bytes: ByteBuffer) {
+        self.closing = true
+        context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
         }
     }
 
@@ -227,7 +232,6 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
     /// nothing after it on the stream can be trusted.
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         guard !self.closing else { return }
-        self.closing = true
         let response: HTTPResponse
         switch error as? HTTPParserError {
         case .headerOverflow?:
@@ -235,13 +239,11 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         case let parserError?:
             response = .error(.badRequest, "malformed HTTP request", ["not valid HTTP/1.1 (\(parserError))"])
         case nil:
+            self.closing = true
             context.close(promise: nil)
             return
         }
         self.state.logger.info("bad HTTP request", metadata: ["error": "\(error)"])
-        let bytes = response.serialized(allocator: context.channel.allocator, omitBody: false, close: true)
-        context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
-            context.close(promise: nil)
-        }
+        self.writeAndClose(context: context, response.serialized(allocator: context.channel.allocator, omitBody: false, close: true))
     }
 }

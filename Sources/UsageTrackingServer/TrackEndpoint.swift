@@ -51,15 +51,8 @@ enum TrackEndpoint {
     /// prebuilt 202), or the rejection.
     static func handle(_ head: HTTPRequestHead, body: ByteBuffer?, state: ServerState) -> CallbackRejection? {
         let contentType = head.headers.first(name: "content-type")
-        let decoded: Result<Callback, CallbackRejection>
-        if let body {
-            decoded = body.withUnsafeReadableBytes { bytes in
-                Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType) }
-            }
-        } else {
-            decoded = Result { () throws(CallbackRejection) in
-                try state.decoder.decode(UnsafeRawBufferPointer(start: nil, count: 0), contentType: contentType)
-            }
+        let decoded = (body ?? ByteBuffer()).withUnsafeReadableBytes { bytes in
+            Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType) }
         }
         switch decoded {
         case .success(let callback):

@@ -1,5 +1,6 @@
 """The service as Prometheus sees it: scraped by a real server, queried through its HTTP API,
 linted by promtool."""
+import gzip
 import subprocess
 
 from conftest import Prometheus, callback, need, request
@@ -45,7 +46,6 @@ def test_promtool_accepts_the_exposition_with_hostile_labels(service):
 
 
 def test_gzipped_scrape_matches_the_plain_one(service):
-    import gzip
     assert service.track(callback("alice", "premium")) == 202
     _, _, plain = request(service.port, "GET", "/metrics")
     status, headers, zipped = request(service.port, "GET", "/metrics", headers={"Accept-Encoding": "gzip"})

@@ -143,7 +143,7 @@ private func rejection(_ body: String, _ contentType: String? = "application/jso
         (#"{"user":"u","groups":["a","\udfff"]}"#, "groups: not valid UTF-8"),
     ])
     func invalidField(body: String, problem: String) {
-        #expect(rejection(body) == CallbackRejection(.invalid, [problem], fieldNames: rejection(body)?.fieldNames ?? []))
+        #expect(rejection(body)?.outcome == .invalid)
         #expect(rejection(body)?.problems == [problem])
     }
 
