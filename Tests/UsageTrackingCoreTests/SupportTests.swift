@@ -77,3 +77,10 @@ import Testing
         #expect(document.serialized == #"{"a":"q\"\\\n\u0001é","b":[1,true,null,0.5]}"#)
     }
 }
+
+@Suite struct CallbackOutcomeTests {
+    /// `UsageMetrics` keeps one counter per outcome, found by `index`.
+    @Test func indexIsThePositionInAllCases() {
+        #expect(CallbackOutcome.allCases.map(\.index) == Array(CallbackOutcome.allCases.indices))
+    }
+}
