@@ -33,6 +33,7 @@ let package = Package(
         .executableTarget(
             name: "usage-tracking",
             dependencies: [
+                "UsageTrackingCore",
                 "UsageTrackingServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

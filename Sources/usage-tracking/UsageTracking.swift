@@ -3,6 +3,7 @@ import Dispatch
 import Glibc
 import Logging
 import NIOCore
+import UsageTrackingCore
 import UsageTrackingServer
 
 /// Parses flags (each with an environment variable) into a `ServerConfiguration` and runs the
@@ -17,7 +18,8 @@ struct UsageTracking: AsyncParsableCommand {
             Every option can also be set by the environment variable named in its help; a flag wins \
             over the variable. USAGE_TRACKING_CALLBACK_SECRET sets one callback secret (there is no \
             flag for it, so it never shows in a process list).
-            """
+            """,
+        version: UsageMetrics.version
     )
 
     @Option(help: "Address to listen on. (env: HOST; default: 0.0.0.0)")
