@@ -37,12 +37,13 @@ public struct CallbackDecoder: Sendable {
         if Self.hasMediaType(contentType, "application/x-www-form-urlencoded") { return .sniffed }
         let mediaType = contentType.prefix { $0 != ";" }.trimmingASCIISpaces().lowercased()
         switch mediaType {
-        case "", "text/plain": return .sniffed
+        case "", "text/plain", "application/x-www-form-urlencoded": return .sniffed
+        case "application/json": return .json
         case _ where mediaType.hasPrefix("application/") && mediaType.hasSuffix("+json"): return .json
         default:
             throw CallbackRejection(
                 .unsupportedMediaType,
-                ["Content-Type \(mediaType) is not supported; send application/json or application/x-www-form-urlencoded"]
+                ["Content-Type \(mediaType.truncated(toUTF8Bytes: ClientText.echoedBytes)) is not supported; send application/json or application/x-www-form-urlencoded"]
             )
         }
     }

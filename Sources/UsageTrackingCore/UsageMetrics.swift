@@ -26,7 +26,12 @@ public final class UsageMetrics: Sendable {
     /// Families whose series count is reported in `usage_tracking_series`.
     public var countedFamilies: [CounterFamily] { [self.requests] }
 
-    public init() {}
+    /// Log lines dropped because the log reader fell behind; the log writer lives in the server.
+    private let droppedLogLines: @Sendable () -> UInt64
+
+    public init(droppedLogLines: @escaping @Sendable () -> UInt64 = { 0 }) {
+        self.droppedLogLines = droppedLogLines
+    }
 
     public func record(_ outcome: CallbackOutcome) {
         self.outcomes[outcome.index].value.wrappingAdd(1, ordering: .relaxed)
@@ -64,6 +69,9 @@ public final class UsageMetrics: Sendable {
         for family in self.countedFamilies {
             writer.sample("usage_tracking_series", labels: ["metric"], values: [family.name], value: UInt64(family.seriesCount))
         }
+
+        writer.family("usage_tracking_log_dropped_total", help: "Log lines dropped because standard output was not read fast enough.", type: .counter)
+        writer.sample("usage_tracking_log_dropped_total", value: self.droppedLogLines())
 
         writer.family("usage_tracking_build_info", help: "Build information; the value is always 1.", type: .gauge)
         writer.sample("usage_tracking_build_info", labels: ["version", "swift"], values: [Self.version, Self.swiftVersion], value: UInt64(1))

@@ -6,12 +6,20 @@ import UsageTrackingCore
 /// One per connection, after NIO's request decoder. Routes each request, answers it on the
 /// event loop, and writes the serialised reply straight to the socket.
 ///
-/// Requests are answered in the order they arrive. All but `/metrics` are answered before the next
-/// one is read; while a `/metrics` reply is rendered off the loop, later pipelined requests wait
-/// in `queued`. Replies are flushed once per socket read, so a pipelined batch goes out in one
-/// write.
-final class HTTPConnectionHandler: ChannelInboundHandler {
+/// Requests are answered in the order they arrive. A request is received (head checks, body
+/// limit) as soon as its parts arrive, and answered at once unless a reply is still being rendered
+/// off the loop (`/metrics`) or the socket is not taking writes; then it waits in `waiting`.
+///
+/// Backpressure: while anything waits, while a reply renders, or while the channel is not
+/// writable, the handler holds back `read`, so the socket is not read again until the replies
+/// drain. What one connection can make the server hold is therefore one socket read cycle of
+/// requests (each body within `--max-body-bytes`), the outbound buffer up to its high water mark,
+/// and one reply.
+///
+/// Replies are flushed once per socket read, so a pipelined batch goes out in one write.
+final class HTTPConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private struct Request {
@@ -19,22 +27,34 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         var route: Route
         var startNanoseconds: UInt64
         var body: ByteBuffer?
-        /// A rejection decided from the head; the body is then read but not kept.
+        /// A refusal decided before the request is answered (from the head, or an oversize body).
         var rejection: CallbackRejection?
+        /// Answer, then close: nothing after this request on the stream is read.
+        var closeAfter = false
+        /// A reply decided before the request could be routed (timeout, unparsable request).
+        var reply: HTTPResponse?
     }
 
     private let state: ServerState
-    private var request: Request?
-    /// True while a reply is being rendered off the loop; input meanwhile goes to `queued`.
-    private var awaitingReply = false
-    private var queued: [HTTPServerRequestPart] = []
-    /// Set once shutdown asks connections to finish: close after the current reply.
+    /// The request being received.
+    private var receiving: Request?
+    /// Requests received in full and not yet answered, in order.
+    private var waiting = CircularBuffer<Request>(initialCapacity: 4)
+    /// True while a reply is being rendered off the loop.
+    private var rendering = false
+    /// Mirrors the channel's writability (kept here so the hot path reads a stored Bool).
+    private var writable = true
+    /// A `read` asked for while reading had to wait; issued once the replies drain.
+    private var readHeld = false
+    /// Set once nothing more is to be read: a refusal that closes, or shutdown.
+    private var inputDone = false
+    /// Set once shutdown asks connections to finish: close after the last request received.
     private var quiescing = false
     /// Set once a reply that closes the connection was written; later input is ignored.
     private var closing = false
     /// On the event loop's clock (`EventLoop.now`), which tests can advance.
     private var lastActivity = NIODeadline.uptimeNanoseconds(0)
-    private var idleCheck: Scheduled<Void>?
+    private var timer: Scheduled<Void>?
 
     init(state: ServerState) {
         self.state = state
@@ -44,17 +64,18 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.lastActivity = context.eventLoop.now
-        if context.channel.isActive { self.scheduleIdleCheck(context: context) }
+        self.writable = context.channel.isWritable
+        if context.channel.isActive { self.scheduleTimer(context: context) }
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        self.scheduleIdleCheck(context: context)
+        self.scheduleTimer(context: context)
         context.fireChannelActive()
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        self.idleCheck?.cancel()
-        self.idleCheck = nil
+        self.timer?.cancel()
+        self.timer = nil
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -63,77 +84,72 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
             return
         }
         self.quiescing = true
-        if self.request == nil, !self.awaitingReply, self.queued.isEmpty { context.close(promise: nil) }
-    }
-
-    /// Idle connections are closed. The timer is not moved on every read (that would cost a
-    /// schedule per request); it fires, and re-arms for the remainder if there was activity.
-    private func scheduleIdleCheck(context: ChannelHandlerContext) {
-        guard self.idleCheck == nil else { return }
-        let deadline = self.lastActivity + self.state.configuration.idleTimeout
-        self.idleCheck = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
-            self.idleCheck = nil
-            if context.eventLoop.now >= self.lastActivity + self.state.configuration.idleTimeout {
-                context.close(promise: nil)
-            } else {
-                self.scheduleIdleCheck(context: context)
-            }
+        if self.receiving == nil {
+            self.inputDone = true
+            if !self.rendering, self.waiting.isEmpty { context.close(promise: nil) }
         }
     }
 
-    // MARK: requests
+    /// One timer per connection enforces both time limits without a schedule per request: the
+    /// idle timeout (no bytes for that long) and the request timeout (a request still arriving
+    /// that long after its head, however steadily it trickles). It fires at the earlier deadline,
+    /// and at least once per request timeout, so a request that starts after it was set is
+    /// seen in time to be cut off at its own deadline.
+    private func scheduleTimer(context: ChannelHandlerContext) {
+        guard self.timer == nil else { return }
+        let config = self.state.configuration
+        let now = context.eventLoop.now
+        var deadline = min(self.lastActivity + config.idleTimeout, now + config.requestTimeout)
+        if let receiving = self.receiving {
+            deadline = min(deadline, .uptimeNanoseconds(receiving.startNanoseconds) + config.requestTimeout)
+        }
+        self.timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
+            self.timer = nil
+            self.timerFired(context: context)
+        }
+    }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    private func timerFired(context: ChannelHandlerContext) {
         guard !self.closing else { return }
-        let part = self.unwrapInboundIn(data)
-        if self.awaitingReply {
-            self.queued.append(part)
+        let config = self.state.configuration
+        let now = context.eventLoop.now
+        if let request = self.receiving, now >= .uptimeNanoseconds(request.startNanoseconds) + config.requestTimeout {
+            let seconds = config.requestTimeout.nanoseconds / 1_000_000_000
+            self.state.logger.info("request timed out", metadata: ["route": "\(request.route)", "seconds": "\(seconds)"])
+            var timedOut = request
+            timedOut.body = nil
+            timedOut.closeAfter = true
+            timedOut.reply = .error(.requestTimeout, "request timeout", ["the request did not arrive in full within \(seconds) s"])
+            self.received(context: context, timedOut)
+            context.flush()
+        } else if self.receiving == nil, self.waiting.isEmpty, !self.rendering, now >= self.lastActivity + config.idleTimeout {
+            context.close(promise: nil)
         } else {
-            self.process(context: context, part)
+            self.scheduleTimer(context: context)
         }
     }
 
-    private func process(context: ChannelHandlerContext, _ part: HTTPServerRequestPart) {
-        switch part {
-        case .head(let head):
-            // One clock read serves the idle timer and the latency histogram.
-            self.lastActivity = context.eventLoop.now
-            let route = Route(uri: head.uri)
-            var request = Request(head: head, route: route, startNanoseconds: self.lastActivity.uptimeNanoseconds)
-            if route == .track {
-                request.rejection = TrackEndpoint.check(head, state: self.state)
-                if request.rejection?.outcome == .tooLarge {
-                    // Do not read a body that was announced too large: answer and close now.
-                    self.respond(context: context, request, TrackEndpoint.reply(to: request.rejection!, head, state: self.state), forceClose: true)
-                    return
-                }
-                // curl and others wait (about a second) for this before sending a large body.
-                if request.rejection == nil, head.headers.first(name: "expect")?.lowercased() == "100-continue" {
-                    context.write(self.wrapOutboundOut(HTTPResponse.continueBytes), promise: nil)
-                }
-            }
-            self.request = request
-        case .body(var chunk):
-            self.lastActivity = context.eventLoop.now
-            guard self.request?.route == .track, self.request?.rejection == nil else { return }
-            if (self.request?.body?.readableBytes ?? 0) + chunk.readableBytes > self.state.configuration.maxBodyBytes {
-                let request = self.request!
-                self.request = nil
-                self.respond(context: context, request, TrackEndpoint.reply(to: TrackEndpoint.tooLarge(self.state), request.head, state: self.state), forceClose: true)
-                return
-            }
-            // Mutated in place through `self.request`, so a body in several chunks is not copied
-            // once per chunk.
-            if self.request?.body == nil {
-                self.request?.body = chunk
-            } else {
-                self.request?.body?.writeBuffer(&chunk)
-            }
-        case .end:
-            guard let request = self.request else { return }
-            self.request = nil
-            self.answer(context: context, request)
+    // MARK: reading
+
+    func read(context: ChannelHandlerContext) {
+        if self.mayRead {
+            context.read()
+        } else {
+            self.readHeld = true
         }
+    }
+
+    private var mayRead: Bool {
+        self.writable && !self.rendering && self.waiting.isEmpty && !self.inputDone
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        self.writable = context.channel.isWritable
+        if self.writable {
+            self.answerWaiting(context: context)
+            context.flush()
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -141,44 +157,113 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         context.fireChannelReadComplete()
     }
 
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !self.closing, !self.inputDone else { return }
+        switch self.unwrapInboundIn(data) {
+        case .head(let head):
+            // One clock read serves the timers and the latency histogram.
+            self.lastActivity = context.eventLoop.now
+            var request = Request(head: head, route: Route(uri: head.uri), startNanoseconds: self.lastActivity.uptimeNanoseconds)
+            // NIO's decoder stops parsing after a request that asks to upgrade; answer it and close.
+            if head.headers.contains(name: "upgrade") { request.closeAfter = true }
+            if request.route == .track {
+                request.rejection = TrackEndpoint.check(head, state: self.state)
+                if request.rejection != nil {
+                    // Refused from the head alone: answer now and close without reading the body.
+                    request.closeAfter = true
+                    self.received(context: context, request)
+                    return
+                }
+                // curl and others wait (about a second) for this before sending a body. Sent only
+                // when no earlier reply is still owed, so replies stay in order.
+                if self.waiting.isEmpty, !self.rendering, head.headers.first(name: "expect")?.lowercased() == "100-continue" {
+                    context.write(self.wrapOutboundOut(HTTPResponse.continueBytes), promise: nil)
+                }
+            }
+            self.receiving = request
+        case .body(var chunk):
+            self.lastActivity = context.eventLoop.now
+            guard self.receiving?.route == .track else { return }
+            if (self.receiving?.body?.readableBytes ?? 0) + chunk.readableBytes > self.state.configuration.maxBodyBytes {
+                var request = self.receiving!
+                request.body = nil
+                request.rejection = TrackEndpoint.tooLarge(self.state)
+                request.closeAfter = true
+                self.received(context: context, request)
+                return
+            }
+            // Mutated in place through `self.receiving`, so a body in several chunks is not copied
+            // once per chunk.
+            if self.receiving?.body == nil {
+                self.receiving?.body = chunk
+            } else {
+                self.receiving?.body?.writeBuffer(&chunk)
+            }
+        case .end:
+            guard let request = self.receiving else { return }
+            self.received(context: context, request)
+        }
+    }
+
+    /// A request has arrived in full (or was refused before it did): answer it now if nothing is
+    /// ahead of it, or queue it.
+    private func received(context: ChannelHandlerContext, _ request: Request) {
+        self.receiving = nil
+        if request.closeAfter || self.quiescing { self.inputDone = true }
+        if self.writable, !self.rendering, self.waiting.isEmpty {
+            self.answer(context: context, request)
+        } else {
+            self.waiting.append(request)
+        }
+    }
+
+    /// Answers queued requests while nothing blocks them, then lets reading resume.
+    private func answerWaiting(context: ChannelHandlerContext) {
+        while self.writable, !self.rendering, !self.closing, let next = self.waiting.popFirst() {
+            self.answer(context: context, next)
+        }
+        if self.readHeld, self.mayRead, !self.closing {
+            self.readHeld = false
+            context.read()
+        }
+    }
+
+    // MARK: answering
+
     private func answer(context: ChannelHandlerContext, _ request: Request) {
+        if let reply = request.reply {
+            self.complete(context: context, request, reply: reply)
+            return
+        }
         let head = request.head
         switch request.route {
         case .track:
-            let rejection = request.rejection ?? TrackEndpoint.handle(head, body: request.body, state: self.state)
-            if let rejection {
-                self.respond(context: context, request, TrackEndpoint.reply(to: rejection, head, state: self.state))
-            } else if self.mustClose(head) {
-                self.respond(context: context, request, HTTPResponse(status: .accepted))
+            if let rejection = request.rejection ?? TrackEndpoint.handle(head, body: request.body, state: self.state) {
+                self.complete(context: context, request, reply: TrackEndpoint.reply(to: rejection, head, state: self.state))
+            } else if self.closesAfter(request) {
+                self.complete(context: context, request, reply: HTTPResponse(status: .accepted))
             } else {
                 // The hot path: the prebuilt 202, no serialisation.
                 context.write(self.wrapOutboundOut(HTTPResponse.acceptedBytes), promise: nil)
                 self.observe(context: context, request)
             }
         case .metrics where head.method == .GET || head.method == .HEAD:
-            self.respondOffLoop(context: context, request) { [state] in MetricsEndpoint.reply(head, state: state) }
+            self.rendering = true
+            self.state.runOffLoop(context.eventLoop) { [state] in MetricsEndpoint.reply(head, state: state) }
+                .assumeIsolated().whenComplete { result in
+                    self.rendering = false
+                    let reply = (try? result.get()) ?? .error(.serviceUnavailable, "shutting down", ["the server is stopping"])
+                    self.complete(context: context, request, reply: reply)
+                    self.answerWaiting(context: context)
+                    context.flush()
+                }
         case .metrics, .healthz, .readyz, .debug, .other:
-            self.respond(context: context, request, self.readOnlyReply(request))
-        }
-    }
-
-    /// Renders a reply with `ServerState.runOffLoop`, then writes it and carries on with whatever
-    /// arrived meanwhile, in order.
-    private func respondOffLoop(context: ChannelHandlerContext, _ request: Request, _ work: @escaping @Sendable () -> HTTPResponse) {
-        self.awaitingReply = true
-        self.state.runOffLoop(context.eventLoop, work).assumeIsolated().whenComplete { result in
-            self.awaitingReply = false
-            let response = (try? result.get()) ?? .error(.serviceUnavailable, "shutting down", ["the server is stopping"])
-            self.respond(context: context, request, response)
-            while !self.awaitingReply, !self.closing, !self.queued.isEmpty {
-                self.process(context: context, self.queued.removeFirst())
-            }
-            context.flush()
+            self.complete(context: context, request, reply: self.readOnlyReply(request))
         }
     }
 
     private func readOnlyReply(_ request: Request) -> HTTPResponse {
-        let path = request.head.uri.prefix { $0 != "?" }
+        let path = Route.path(of: request.head.uri).truncated(toUTF8Bytes: ClientText.echoedBytes)
         guard request.route != .other else {
             return .error(.notFound, "not found", ["no route for \(path)"])
         }
@@ -197,13 +282,18 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    private func mustClose(_ head: HTTPRequestHead) -> Bool {
-        self.quiescing || !head.isKeepAlive
+    /// Whether the reply to `request` is the last on this connection. From shutdown on (the
+    /// drain included) the connection closes after the last request it has received in full, so
+    /// a keep-alive caller moves to another replica and nothing it sent is cut off.
+    private func closesAfter(_ request: Request) -> Bool {
+        if request.closeAfter || !request.head.isKeepAlive { return true }
+        guard self.quiescing || self.state.stopping.load(ordering: .relaxed) else { return false }
+        return self.waiting.isEmpty && self.receiving == nil
     }
 
-    private func respond(context: ChannelHandlerContext, _ request: Request, _ response: HTTPResponse, forceClose: Bool = false) {
-        let close = forceClose || self.mustClose(request.head)
-        let bytes = response.serialized(allocator: context.channel.allocator, omitBody: request.head.method == .HEAD, close: close)
+    private func complete(context: ChannelHandlerContext, _ request: Request, reply: HTTPResponse) {
+        let close = self.closesAfter(request)
+        let bytes = reply.serialized(allocator: context.channel.allocator, omitBody: request.head.method == .HEAD, close: close)
         self.observe(context: context, request)
         if close {
             self.writeAndClose(context: context, bytes)
@@ -216,6 +306,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
     /// the reply is out.
     private func writeAndClose(context: ChannelHandlerContext, _ bytes: ByteBuffer) {
         self.closing = true
+        self.inputDone = true
         context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
         }
@@ -228,10 +319,10 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
 
     // MARK: errors
 
-    /// A request NIO cannot parse gets one plain reply and the connection is closed, since
-    /// nothing after it on the stream can be trusted.
+    /// A request NIO cannot parse gets one plain reply, after the replies still owed, and the
+    /// connection is closed, since nothing after it on the stream can be trusted.
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        guard !self.closing else { return }
+        guard !self.closing, !self.inputDone else { return }
         let response: HTTPResponse
         switch error as? HTTPParserError {
         case .headerOverflow?:
@@ -244,6 +335,9 @@ final class HTTPConnectionHandler: ChannelInboundHandler {
             return
         }
         self.state.logger.info("bad HTTP request", metadata: ["error": "\(error)"])
-        self.writeAndClose(context: context, response.serialized(allocator: context.channel.allocator, omitBody: false, close: true))
+        let now = context.eventLoop.now.uptimeNanoseconds
+        let unparsed = HTTPRequestHead(version: .http1_1, method: .GET, uri: "")
+        self.received(context: context, Request(head: unparsed, route: .other, startNanoseconds: now, closeAfter: true, reply: response))
+        context.flush()
     }
 }

@@ -1,15 +1,14 @@
 import Glibc
 import Logging
-import Synchronization
 import UsageTrackingCore
 
-/// Writes one JSON object per line to standard output: `time`, `level`, `msg`, then metadata.
+/// Formats one JSON object per line for standard output (through `LogLineWriter`): `time`, `level`, `msg`, then metadata.
 public struct JSONLogHandler: LogHandler {
     public var logLevel: Logger.Level
     public var metadata: Logger.Metadata = [:]
     private let output: @Sendable (String) -> Void
 
-    public init(level: Logger.Level, output: @escaping @Sendable (String) -> Void = JSONLogHandler.writeToStandardOutput) {
+    public init(level: Logger.Level, output: @escaping @Sendable (String) -> Void = LogLineWriter.standardOutput.write) {
         self.logLevel = level
         self.output = output
     }
@@ -53,24 +52,6 @@ public struct JSONLogHandler: LogHandler {
         }
         return "\(pad(parts.tm_year + 1900, 4))-\(pad(parts.tm_mon + 1, 2))-\(pad(parts.tm_mday, 2))T"
             + "\(pad(parts.tm_hour, 2)):\(pad(parts.tm_min, 2)):\(pad(parts.tm_sec, 2)).\(pad(milliseconds, 3))Z"
-    }
-
-    private static let outputLock = Mutex(())
-
-    public static let writeToStandardOutput: @Sendable (String) -> Void = { line in
-        let bytes = Array((line + "\n").utf8)
-        // One write(2) per line under a lock, so lines from different threads never interleave.
-        outputLock.withLock { _ in
-            bytes.withUnsafeBytes { buffer in
-                var offset = 0
-                while offset < buffer.count {
-                    let written = Glibc.write(STDOUT_FILENO, buffer.baseAddress! + offset, buffer.count - offset)
-                    if written < 0 && errno == EINTR { continue }
-                    guard written > 0 else { return }
-                    offset += written
-                }
-            }
-        }
     }
 }
 

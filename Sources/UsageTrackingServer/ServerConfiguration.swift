@@ -13,6 +13,12 @@ public struct ServerConfiguration: Sendable {
     public var maxHeaderBytes = 16 * 1024
     /// A connection with no bytes arriving for this long is closed.
     public var idleTimeout: TimeAmount = .seconds(60)
+    /// A request still arriving this long after its head gets 408 and the connection is closed,
+    /// so a body trickled a byte at a time cannot hold a connection forever.
+    public var requestTimeout: TimeAmount = .seconds(10)
+    /// Connections held open at once; beyond it the listener stops accepting (new connections
+    /// wait in the kernel's backlog) until one closes.
+    public var maxConnections = 4096
     /// After SIGTERM, how long to keep accepting while `/readyz` reports 503, so Kubernetes can
     /// take the pod out of the Service before the listener closes and no callback is refused.
     public var drainDelay: TimeAmount = .zero

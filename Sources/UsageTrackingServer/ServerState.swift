@@ -23,6 +23,8 @@ final class ServerState: Sendable {
     let recent: RecentCallbacks?
     let startedAt = NIODeadline.now()
     let ready = Atomic<Bool>(false)
+    /// Set at SIGTERM, before the drain: from then on every connection closes after its last reply.
+    let stopping = Atomic<Bool>(false)
     let runOffLoop: OffLoopRunner
 
     init(
@@ -44,8 +46,7 @@ enum Route: Int {
     case track, metrics, healthz, readyz, debug, other
 
     init(uri: String) {
-        let path = uri.utf8.firstIndex(of: UInt8(ascii: "?")).map { String(uri[..<$0]) } ?? uri
-        switch path {
+        switch Self.path(of: uri) {
         case "/track": self = .track
         case "/metrics": self = .metrics
         case "/healthz": self = .healthz
@@ -53,6 +54,18 @@ enum Route: Int {
         case "/debug": self = .debug
         default: self = .other
         }
+    }
+
+    /// The path of a request target: the query dropped, and the scheme and authority of an
+    /// absolute-form target (`POST http://host/track`, as proxies send) too.
+    static func path(of uri: String) -> Substring {
+        var target = Substring(uri)
+        if !target.hasPrefix("/"), let scheme = target.firstRange(of: "://") {
+            let afterAuthority = target[scheme.upperBound...].firstIndex(of: "/") ?? target.endIndex
+            target = target[afterAuthority...]
+            if target.isEmpty { return "/" }
+        }
+        return target.utf8.firstIndex(of: UInt8(ascii: "?")).map { target[..<$0] } ?? target
     }
 }
 

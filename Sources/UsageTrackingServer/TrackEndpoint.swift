@@ -15,6 +15,11 @@ enum TrackEndpoint {
         if state.secrets.isRequired, let problem = Self.credentialProblem(head.headers, state: state) {
             return CallbackRejection(.unauthorized, [problem])
         }
+        // A compressed body would decode as garbage; say so instead.
+        if let coding = head.headers.first(name: "content-encoding"), coding.trimmingASCIISpaces().lowercased() != "identity" {
+            let name = coding.truncated(toUTF8Bytes: ClientText.echoedBytes)
+            return CallbackRejection(.unsupportedMediaType, ["Content-Encoding \(name) is not supported; send the body uncompressed"])
+        }
         if let length = head.headers.first(name: "content-length").flatMap(Int.init),
             length > state.configuration.maxBodyBytes
         {
@@ -58,7 +63,7 @@ enum TrackEndpoint {
         case .success(let callback):
             state.metrics.requests.increment([callback.user, callback.groups, callback.path])
             state.metrics.record(.accepted)
-            let requestID = head.headers.first(name: "x-request-id")
+            let requestID = Self.requestID(head)
             state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID))
             // The metadata is an autoclosure: built only when debug logging is on.
             state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID))
@@ -66,6 +71,11 @@ enum TrackEndpoint {
         case .failure(let rejection):
             return rejection
         }
+    }
+
+    /// The caller's request id as logged and shown: truncated, since the caller chooses it.
+    private static func requestID(_ head: HTTPRequestHead) -> String? {
+        head.headers.first(name: "x-request-id").map { $0.truncated(toUTF8Bytes: ClientText.echoedBytes) }
     }
 
     private static func metadata(_ callback: Callback, requestID: String?) -> Logger.Metadata {
@@ -81,7 +91,7 @@ enum TrackEndpoint {
     static func reply(to rejection: CallbackRejection, _ head: HTTPRequestHead, state: ServerState) -> HTTPResponse {
         let status = rejection.outcome.status
         state.metrics.record(rejection.outcome)
-        let requestID = head.headers.first(name: "x-request-id")
+        let requestID = Self.requestID(head)
         state.recent?.record(.init(time: wallClock(), status: Int(status.code), rejection: rejection, requestID: requestID))
         var metadata: Logger.Metadata = [
             "status": "\(status.code)", "outcome": "\(rejection.outcome.rawValue)",

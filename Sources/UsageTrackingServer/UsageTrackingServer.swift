@@ -16,7 +16,10 @@ public final class UsageTrackingServer: Sendable {
     private let listener: Channel
     private let connections: OpenConnections
     private let secretWatcher: Task<Void, Never>?
-    private let stopped = Mutex(false)
+    private enum ShutdownPhase {
+        case running, draining(Task<Void, Never>), stopping
+    }
+    private let phase = Mutex(ShutdownPhase.running)
 
     private init(
         state: ServerState, group: MultiThreadedEventLoopGroup, renderPool: NIOThreadPool, listener: Channel,
@@ -50,20 +53,29 @@ public final class UsageTrackingServer: Sendable {
         let renderPool = NIOThreadPool(numberOfThreads: 1)
         renderPool.start()
         let state = ServerState(
-            configuration: configuration, logger: logger, metrics: UsageMetrics(), secrets: secrets,
+            configuration: configuration, logger: logger, metrics: UsageMetrics(droppedLogLines: { LogLineWriter.standardOutput.dropped }), secrets: secrets,
             runOffLoop: { eventLoop, work in renderPool.runIfActive(eventLoop: eventLoop, work) }
         )
         Self.logAuthentication(state)
 
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
         let connections = OpenConnections()
         let listener: Channel
         do {
             listener = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .serverChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandlers([
+                            AcceptBackoffHandler(shouldForwardIOErrorCaught: true),
+                            ConnectionLimiter(maxConnections: configuration.maxConnections, logger: logger),
+                        ])
+                    }
+                }
                 .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-                .childChannelOption(.maxMessagesPerRead, value: 16)
+                // Bounds what one read cycle can bring in while replies are held back (4 x 64 KiB).
+                .childChannelOption(.maxMessagesPerRead, value: 4)
                 .childChannelInitializer { channel in
                     connections.add(channel)
                     return channel.eventLoop.makeCompletedFuture { try Self.configurePipeline(channel, state: state) }
@@ -73,17 +85,13 @@ public final class UsageTrackingServer: Sendable {
         } catch {
             try? await group.shutdownGracefully()
             try? await renderPool.shutdownGracefully()
-            throw error
+            throw ListenError(host: configuration.host, port: configuration.port, underlying: error)
         }
 
         let watcher: Task<Void, Never>? = secrets.filePath == nil ? nil : Task.detached {
             while !Task.isCancelled {
                 try? await Task.sleep(for: configuration.secretReloadInterval)
-                switch secrets.reloadIfChanged() {
-                case .unchanged: break
-                case .reloaded(let count): logger.info("callback secrets reloaded", metadata: ["secrets": "\(count)"])
-                case .failed(let reason): logger.error("callback secrets not reloaded; keeping the previous ones", metadata: ["reason": "\(reason)"])
-                }
+                Self.reloadSecrets(state, force: false)
             }
         }
 
@@ -94,21 +102,46 @@ public final class UsageTrackingServer: Sendable {
         return server
     }
 
-    /// Reports not-ready and keeps serving for the drain delay, then stops accepting, lets every
-    /// connection finish the request it is in (up to the shutdown timeout), closes what is left
-    /// and stops the event loops. Safe to call twice.
+    /// Re-reads the secret file now (SIGHUP), as the watcher does when the file changes.
+    public func reloadSecrets() {
+        Self.reloadSecrets(self.state, force: true)
+    }
+
+    private static func reloadSecrets(_ state: ServerState, force: Bool) {
+        switch state.secrets.reloadIfChanged() {
+        case .unchanged: break
+        case .reloaded(let count) where count > 0:
+            state.logger.info("callback secrets reloaded", metadata: ["secrets": "\(count)"])
+        case .reloaded:
+            state.logger.warning("callback secret file holds no secret; every callback is refused until one is added", metadata: ["file": "\(state.secrets.filePath ?? "")"])
+        case .failed(let reason):
+            state.logger.error("callback secrets not reloaded; keeping the previous ones", metadata: ["reason": "\(reason)"])
+        }
+    }
+
+    /// Reports not-ready and keeps serving for the drain delay, replying `connection: close` so
+    /// keep-alive callers move to another replica; then stops accepting, lets every connection
+    /// finish the request it is in (up to the shutdown timeout), closes what is left and stops the
+    /// event loops. A second call during the drain ends the drain early (a second SIGTERM).
     public func shutdown() async {
-        let first = self.stopped.withLock { stopped in
-            defer { stopped = true }
-            return !stopped
+        let delay = self.state.configuration.drainDelay
+        let first = self.phase.withLock { phase -> Bool in
+            guard case .running = phase else {
+                if case .draining(let drain) = phase { drain.cancel() }
+                return false
+            }
+            phase = delay > .zero ? .draining(Task { try? await Task.sleep(for: .nanoseconds(delay.nanoseconds)) }) : .stopping
+            return true
         }
         guard first else { return }
+        self.state.stopping.store(true, ordering: .relaxed)
         self.state.ready.store(false, ordering: .relaxed)
         self.secretWatcher?.cancel()
-        let drain = self.state.configuration.drainDelay
-        if drain > .zero {
-            self.state.logger.info("draining: /readyz reports 503", metadata: ["seconds": "\(Double(drain.nanoseconds) / 1e9)"])
-            try? await Task.sleep(for: .nanoseconds(drain.nanoseconds))
+        if case .draining(let drain) = self.phase.withLock({ $0 }) {
+            self.state.logger.info("draining: /readyz reports 503, replies close their connections", metadata: ["seconds": "\(Double(delay.nanoseconds) / 1e9)"])
+            await drain.value
+            if drain.isCancelled { self.state.logger.info("drain ended early by a second signal") }
+            self.phase.withLock { $0 = .stopping }
         }
         self.state.logger.info("shutting down", metadata: ["connections": "\(self.connections.all.count)"])
         try? await self.listener.close()
@@ -145,6 +178,15 @@ public final class UsageTrackingServer: Sendable {
             ]
         )
     }
+}
+
+/// Why the listener could not open, naming the address (a busy port, an address not on this host).
+struct ListenError: Error, CustomStringConvertible {
+    var host: String
+    var port: Int
+    var underlying: Error
+
+    var description: String { "cannot listen on \(self.host):\(self.port): \(self.underlying)" }
 }
 
 /// The connections currently open, so shutdown can ask each to finish and wait for them.

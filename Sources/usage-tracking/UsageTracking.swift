@@ -25,65 +25,56 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(help: "Address to listen on. (env: HOST; default: 0.0.0.0)")
     var host: String?
 
-    @Option(help: "Port to listen on. (env: PORT; default: 8080)")
+    @Option(parsing: .unconditional, help: "Port to listen on, 0 to 65535 (0: any free port). (env: PORT; default: 8080)")
     var port: Int?
 
     @Option(help: "Lowest log level written: trace, debug, info, notice, warning, error, critical. (env: LOG_LEVEL; default: info)")
     var logLevel: String?
 
-    @Option(help: "File with one callback secret per line, re-read when it changes. (env: USAGE_TRACKING_CALLBACK_SECRET_FILE; default: none)")
+    @Option(help: "File with one callback secret per line, re-read when it changes and on SIGHUP. (env: USAGE_TRACKING_CALLBACK_SECRET_FILE; default: none)")
     var callbackSecretFile: String?
 
     @Option(help: "Header that carries the callback secret; Authorization expects 'Bearer <secret>', any other header the bare secret. (env: USAGE_TRACKING_CALLBACK_SECRET_HEADER; default: Authorization)")
     var callbackSecretHeader: String?
 
-    @Option(help: "Largest /track body in bytes. (env: USAGE_TRACKING_MAX_BODY_BYTES; default: 65536)")
+    @Option(parsing: .unconditional, help: "Largest /track body in bytes, 16 to 16777216. (env: USAGE_TRACKING_MAX_BODY_BYTES; default: 65536)")
     var maxBodyBytes: Int?
 
-    @Option(help: "Longest accepted user, groups, path, method or host value in bytes. (env: USAGE_TRACKING_MAX_LABEL_BYTES; default: 256)")
+    @Option(parsing: .unconditional, help: "Longest accepted user, groups, path, method or host value in bytes, 1 to 65536. (env: USAGE_TRACKING_MAX_LABEL_BYTES; default: 256)")
     var maxLabelBytes: Int?
 
-    @Option(help: "Largest request head (all headers) in bytes. (env: USAGE_TRACKING_MAX_HEADER_BYTES; default: 16384)")
+    @Option(parsing: .unconditional, help: "Largest request head (all headers) in bytes, 1024 to 1048576. (env: USAGE_TRACKING_MAX_HEADER_BYTES; default: 16384)")
     var maxHeaderBytes: Int?
 
-    @Option(help: "Seconds a connection may stay silent before it is closed. (env: USAGE_TRACKING_IDLE_TIMEOUT; default: 60)")
+    @Option(parsing: .unconditional, help: "Seconds a connection may stay silent before it is closed, 1 to 3600. (env: USAGE_TRACKING_IDLE_TIMEOUT; default: 60)")
     var idleTimeout: Int?
 
-    @Option(help: "Seconds to keep serving after SIGTERM while /readyz reports 503, before the listener closes. (env: USAGE_TRACKING_DRAIN_DELAY; default: 0)")
+    @Option(parsing: .unconditional, help: "Seconds a request may take to arrive in full after its head, 1 to 600; then 408 and the connection is closed. (env: USAGE_TRACKING_REQUEST_TIMEOUT; default: 10)")
+    var requestTimeout: Int?
+
+    @Option(parsing: .unconditional, help: "Connections open at once, 1 to 1000000; beyond it new ones wait in the listen backlog. (env: USAGE_TRACKING_MAX_CONNECTIONS; default: 4096)")
+    var maxConnections: Int?
+
+    @Option(parsing: .unconditional, help: "Seconds to keep serving after SIGTERM while /readyz reports 503 and replies close their connections, 0 to 600. (env: USAGE_TRACKING_DRAIN_DELAY; default: 0)")
     var drainDelay: Int?
 
-    @Option(help: "Seconds shutdown waits for in-flight requests. (env: USAGE_TRACKING_SHUTDOWN_TIMEOUT; default: 20)")
+    @Option(parsing: .unconditional, help: "Seconds shutdown waits for in-flight requests, 0 to 600. (env: USAGE_TRACKING_SHUTDOWN_TIMEOUT; default: 20)")
     var shutdownTimeout: Int?
 
-    @Option(help: "Event loop threads. (env: USAGE_TRACKING_EVENT_LOOP_THREADS; default: one per core)")
+    @Option(parsing: .unconditional, help: "Event loop threads, 1 to 256. (env: USAGE_TRACKING_EVENT_LOOP_THREADS; default: one per core)")
     var eventLoopThreads: Int?
 
     @Flag(help: "Turn off GET /debug and the recent-callback lists it keeps. (env: USAGE_TRACKING_NO_DEBUG=true)")
     var noDebug = false
 
     func run() async throws {
-        let env = Environment()
-        var config = ServerConfiguration()
-        config.host = self.host ?? env.string("HOST") ?? config.host
-        config.port = try self.port ?? env.integer("PORT") ?? config.port
-        config.callbackSecretFile = self.callbackSecretFile ?? env.string("USAGE_TRACKING_CALLBACK_SECRET_FILE")
-        config.callbackSecret = env.string("USAGE_TRACKING_CALLBACK_SECRET")
-        config.callbackSecretHeader = self.callbackSecretHeader ?? env.string("USAGE_TRACKING_CALLBACK_SECRET_HEADER") ?? config.callbackSecretHeader
-        config.maxBodyBytes = try self.maxBodyBytes ?? env.integer("USAGE_TRACKING_MAX_BODY_BYTES") ?? config.maxBodyBytes
-        config.maxLabelBytes = try self.maxLabelBytes ?? env.integer("USAGE_TRACKING_MAX_LABEL_BYTES") ?? config.maxLabelBytes
-        config.maxHeaderBytes = try self.maxHeaderBytes ?? env.integer("USAGE_TRACKING_MAX_HEADER_BYTES") ?? config.maxHeaderBytes
-        if let seconds = try self.idleTimeout ?? env.integer("USAGE_TRACKING_IDLE_TIMEOUT") { config.idleTimeout = .seconds(Int64(seconds)) }
-        if let seconds = try self.drainDelay ?? env.integer("USAGE_TRACKING_DRAIN_DELAY") { config.drainDelay = .seconds(Int64(seconds)) }
-        if let seconds = try self.shutdownTimeout ?? env.integer("USAGE_TRACKING_SHUTDOWN_TIMEOUT") { config.shutdownTimeout = .seconds(Int64(seconds)) }
-        config.eventLoopThreads = try self.eventLoopThreads ?? env.integer("USAGE_TRACKING_EVENT_LOOP_THREADS") ?? config.eventLoopThreads
-        config.debugEnabled = !(try self.noDebug || env.boolean("USAGE_TRACKING_NO_DEBUG"))
-        let levelName = self.logLevel ?? env.string("LOG_LEVEL") ?? "info"
+        // Logs go to a pipe that may close; a write to it must fail, not kill the process.
+        Glibc.signal(SIGPIPE, SIG_IGN)
+        defer { LogLineWriter.standardOutput.flush(timeout: .seconds(2)) }
+        let config = try self.configuration(Environment())
+        let levelName = self.logLevel ?? Environment().string("LOG_LEVEL") ?? "info"
         guard let level = Logger.Level(rawValue: levelName.lowercased()) else {
-            throw ValidationError("log level '\(levelName)' is not one of trace, debug, info, notice, warning, error, critical")
-        }
-        for (name, value) in [("port", config.port), ("max-body-bytes", config.maxBodyBytes), ("max-label-bytes", config.maxLabelBytes), ("max-header-bytes", config.maxHeaderBytes)]
-        where value < (name == "port" ? 0 : 1) {
-            throw ValidationError("\(name) must be positive, got \(value)")
+            throw ValidationError("log level '\(levelName)' is not one of trace, debug, info, notice, warning, error, critical (--log-level, LOG_LEVEL)")
         }
 
         LoggingSystem.bootstrap { _ in JSONLogHandler(level: level) }
@@ -95,36 +86,103 @@ struct UsageTracking: AsyncParsableCommand {
             logger.critical("cannot start", metadata: ["error": "\(error)"])
             throw ExitCode.failure
         }
-        let signal = await Self.waitForTermination()
-        logger.info("signal received", metadata: ["signal": "\(signal)"])
-        await server.shutdown()
+        await Self.handleSignals(server: server, logger: logger)
     }
 
-    /// Suspends until SIGTERM (Kubernetes) or SIGINT (Ctrl-C) arrives and returns its name.
-    private static func waitForTermination() async -> String {
-        let (names, continuation) = AsyncStream.makeStream(of: String.self)
-        var sources: [DispatchSourceSignal] = []
-        for (number, name) in [(SIGTERM, "SIGTERM"), (SIGINT, "SIGINT")] {
+    /// Flags win over environment variables; every number is checked against its range, and an
+    /// error names both the flag and the variable.
+    private func configuration(_ env: Environment) throws -> ServerConfiguration {
+        var config = ServerConfiguration()
+        func number(_ flag: Int?, _ name: String, _ variable: String, _ range: ClosedRange<Int>) throws -> Int? {
+            guard let value = try flag ?? env.integer(variable) else { return nil }
+            guard range.contains(value) else {
+                throw ValidationError("--\(name) (\(variable)) must be from \(range.lowerBound) to \(range.upperBound), got \(value)")
+            }
+            return value
+        }
+        func seconds(_ flag: Int?, _ name: String, _ variable: String, _ range: ClosedRange<Int>) throws -> TimeAmount? {
+            try number(flag, name, variable, range).map { .seconds(Int64($0)) }
+        }
+        config.host = self.host ?? env.string("HOST") ?? config.host
+        guard !config.host.isEmpty else { throw ValidationError("--host (HOST) must not be empty") }
+        config.port = try number(self.port, "port", "PORT", 0...65535) ?? config.port
+        config.maxBodyBytes = try number(self.maxBodyBytes, "max-body-bytes", "USAGE_TRACKING_MAX_BODY_BYTES", 16...(16 << 20)) ?? config.maxBodyBytes
+        config.maxLabelBytes = try number(self.maxLabelBytes, "max-label-bytes", "USAGE_TRACKING_MAX_LABEL_BYTES", 1...65536) ?? config.maxLabelBytes
+        config.maxHeaderBytes = try number(self.maxHeaderBytes, "max-header-bytes", "USAGE_TRACKING_MAX_HEADER_BYTES", 1024...(1 << 20)) ?? config.maxHeaderBytes
+        config.idleTimeout = try seconds(self.idleTimeout, "idle-timeout", "USAGE_TRACKING_IDLE_TIMEOUT", 1...3600) ?? config.idleTimeout
+        config.requestTimeout = try seconds(self.requestTimeout, "request-timeout", "USAGE_TRACKING_REQUEST_TIMEOUT", 1...600) ?? config.requestTimeout
+        config.maxConnections = try number(self.maxConnections, "max-connections", "USAGE_TRACKING_MAX_CONNECTIONS", 1...1_000_000) ?? config.maxConnections
+        config.drainDelay = try seconds(self.drainDelay, "drain-delay", "USAGE_TRACKING_DRAIN_DELAY", 0...600) ?? config.drainDelay
+        config.shutdownTimeout = try seconds(self.shutdownTimeout, "shutdown-timeout", "USAGE_TRACKING_SHUTDOWN_TIMEOUT", 0...600) ?? config.shutdownTimeout
+        config.eventLoopThreads = try number(self.eventLoopThreads, "event-loop-threads", "USAGE_TRACKING_EVENT_LOOP_THREADS", 1...256) ?? config.eventLoopThreads
+        config.callbackSecretFile = self.callbackSecretFile ?? env.string("USAGE_TRACKING_CALLBACK_SECRET_FILE")
+        // Set but blank is passed on (and refused at startup), never read as "no secret".
+        config.callbackSecret = env.raw("USAGE_TRACKING_CALLBACK_SECRET")
+        config.callbackSecretHeader = self.callbackSecretHeader ?? env.string("USAGE_TRACKING_CALLBACK_SECRET_HEADER") ?? config.callbackSecretHeader
+        guard !config.callbackSecretHeader.isEmpty, config.callbackSecretHeader.utf8.allSatisfy(Self.isHeaderNameByte) else {
+            throw ValidationError("--callback-secret-header (USAGE_TRACKING_CALLBACK_SECRET_HEADER) must be a header name, got '\(config.callbackSecretHeader)'")
+        }
+        config.debugEnabled = !(try self.noDebug || env.boolean("USAGE_TRACKING_NO_DEBUG"))
+        return config
+    }
+
+    private static func isHeaderNameByte(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+            true
+        // The other characters HTTP allows in a header name (RFC 9110 "tchar").
+        default: "!#$%&'*+-.^_`|~".utf8.contains(byte)
+        }
+    }
+
+    /// Serves until SIGTERM (Kubernetes) or SIGINT (Ctrl-C) and shuts down; a second one ends the
+    /// drain early. SIGHUP re-reads the secret file; SIGUSR1 and SIGUSR2, which would otherwise
+    /// kill the process and every count in it, are logged and ignored.
+    private static func handleSignals(server: UsageTrackingServer, logger: Logger) async {
+        let names = [SIGTERM: "SIGTERM", SIGINT: "SIGINT", SIGHUP: "SIGHUP", SIGUSR1: "SIGUSR1", SIGUSR2: "SIGUSR2"]
+        let (signals, continuation) = AsyncStream.makeStream(of: Int32.self)
+        let sources = names.keys.map { number in
             // Dispatch delivers the signal only once its default action is turned off.
             Glibc.signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { continuation.yield(name) }
+            source.setEventHandler { continuation.yield(number) }
             source.resume()
-            sources.append(source)
+            return source
         }
-        var iterator = names.makeAsyncIterator()
-        let name = await iterator.next() ?? "end of signal stream"
+        var shutdown: Task<Void, Never>?
+        for await number in signals {
+            let name = names[number] ?? "signal \(number)"
+            switch number {
+            case SIGHUP:
+                logger.info("signal received: re-reading the callback secret file", metadata: ["signal": "\(name)"])
+                server.reloadSecrets()
+            case SIGUSR1, SIGUSR2:
+                logger.info("signal ignored", metadata: ["signal": "\(name)"])
+            default:
+                logger.info("signal received", metadata: ["signal": "\(name)"])
+                if shutdown == nil {
+                    shutdown = Task {
+                        await server.shutdown()
+                        continuation.finish()
+                    }
+                } else {
+                    await server.shutdown()
+                }
+            }
+        }
         sources.forEach { $0.cancel() }
-        return name
     }
 }
-
 /// Reads settings from environment variables; a set but unparsable value is an error, not a default.
 struct Environment {
+    /// The value as set, empty included.
+    func raw(_ name: String) -> String? {
+        getenv(name).map { String(cString: $0) }
+    }
+
+    /// The value, with an empty one taken as unset.
     func string(_ name: String) -> String? {
-        guard let value = getenv(name) else { return nil }
-        let text = String(cString: value)
-        return text.isEmpty ? nil : text
+        self.raw(name).flatMap { $0.isEmpty ? nil : $0 }
     }
 
     func integer(_ name: String) throws -> Int? {

@@ -1,0 +1,60 @@
+import Logging
+import NIOCore
+
+/// On the listening channel, after NIO's accept backoff: holds accepting while
+/// `maxConnections` connections are open and resumes when one closes, so new connections wait
+/// in the kernel's backlog instead of costing a descriptor and memory each. Accept errors (the
+/// descriptor limit reached) are logged, at most once every ten seconds; the backoff handler in
+/// front retries the accept a second later, so the loop never spins on them.
+final class ConnectionLimiter: ChannelDuplexHandler {
+    typealias InboundIn = Channel
+    typealias InboundOut = Channel
+    typealias OutboundIn = Channel
+
+    private let maxConnections: Int
+    private let logger: Logger
+    private var open = 0
+    private var readHeld = false
+    private var lastErrorLog: NIODeadline?
+
+    init(maxConnections: Int, logger: Logger) {
+        self.maxConnections = maxConnections
+        self.logger = logger
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if self.open < self.maxConnections {
+            context.read()
+        } else {
+            self.readHeld = true
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let child = self.unwrapInboundIn(data)
+        // One accept cycle can take several connections; past the limit they are closed at once.
+        guard self.open < self.maxConnections else {
+            child.close(promise: nil)
+            return
+        }
+        self.open += 1
+        let loop = context.eventLoop
+        child.closeFuture.hop(to: loop).assumeIsolated().whenComplete { _ in
+            self.open -= 1
+            if self.readHeld, self.open < self.maxConnections {
+                self.readHeld = false
+                context.read()
+            }
+        }
+        context.fireChannelRead(data)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        let now = NIODeadline.now()
+        if self.lastErrorLog.map({ now - $0 >= .seconds(10) }) ?? true {
+            self.lastErrorLog = now
+            self.logger.error("cannot accept connections; retrying every second", metadata: ["error": "\(error)", "open": "\(self.open)"])
+        }
+        context.fireErrorCaught(error)
+    }
+}
