@@ -82,6 +82,7 @@ public final class UsageTrackingServer: Sendable {
                 switch secrets.reloadIfChanged() {
                 case .unchanged: break
                 case .reloaded(let count): logger.info("callback secrets reloaded", metadata: ["secrets": "\(count)"])
+                case .emptied: logger.warning("callback secret file holds no secret; callbacks without another configured secret are refused", metadata: ["secrets": "\(secrets.count)"])
                 case .failed(let reason): logger.error("callback secrets not reloaded; keeping the previous ones", metadata: ["reason": "\(reason)"])
                 }
             }
