@@ -17,6 +17,13 @@ public struct Callback: Sendable, Equatable {
         self.method = method
         self.host = host
     }
+
+    /// Equal when every field holds the same bytes: these become label values, which Prometheus
+    /// compares by bytes, so `String`'s canonical equivalence would call different series equal.
+    public static func == (a: Callback, b: Callback) -> Bool {
+        a.user.hasSameBytes(as: b.user) && a.groups.hasSameBytes(as: b.groups) && a.path.hasSameBytes(as: b.path)
+            && a.method.hasSameBytes(as: b.method) && a.host.hasSameBytes(as: b.host)
+    }
 }
 
 /// Why a callback was not counted. Each case is one `outcome` label of

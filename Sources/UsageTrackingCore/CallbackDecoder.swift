@@ -156,9 +156,22 @@ public struct CallbackDecoder: Sendable {
             problems.append("groups: not valid UTF-8")
             return ""
         }
-        let names = items.lazy.compactMap { $0 }.flatMap { $0.split(separator: ",") }
-            .map { $0.trimmingASCIISpaces() }.filter { !$0.isEmpty }
-        return Set(names).sorted().joined(separator: ",")
+        // Split, de-duplicate and sort by bytes, not by `Character` or canonical equivalence: a
+        // comma followed by a combining mark is still a comma, and NFC and NFD spellings of one
+        // name stay two groups, as they are two label values to Prometheus.
+        var names: [String] = []
+        for case let item? in items {
+            for piece in item.utf8.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: true) {
+                // Split at an ASCII byte, so every piece is valid UTF-8 on its own.
+                let name = String(decoding: piece, as: UTF8.self).trimmingASCIISpaces()
+                if !name.isEmpty { names.append(name) }
+            }
+        }
+        names.sort { $0.compareBytes($1) < 0 }
+        var unique: [String] = []
+        unique.reserveCapacity(names.count)
+        for name in names where !(unique.last?.hasSameBytes(as: name) ?? false) { unique.append(name) }
+        return unique.joined(separator: ",")
     }
 }
 

@@ -14,7 +14,11 @@ public typealias LabelValues = [String]
 /// - Reading: `snapshot` copies one stripe at a time, so exposition never holds a lock across the
 ///   whole store and never blocks increments for longer than one stripe's copy. A snapshot is
 ///   exact per series; increments that land during it may or may not be included.
-/// - Ordering: `snapshot` returns series sorted by label values, so exposition is stable.
+/// - Identity: label values are compared by their UTF-8 bytes, as Prometheus compares them, not
+///   by `String`'s canonical equivalence: `K` and the Kelvin sign, or NFC and NFD `café`, are
+///   distinct series, each exposed with exactly the bytes it was counted under.
+/// - Ordering: `snapshot` returns series sorted by the bytes of their label values, so exposition
+///   is stable and agrees with identity.
 /// - Counts only grow. Series are never removed while the process runs.
 public final class CounterFamily: Sendable {
     public let name: String
@@ -27,16 +31,23 @@ public final class CounterFamily: Sendable {
     }
 
     /// Label values with their hash computed once: it picks the stripe and keys the dictionary.
+    /// Hash and equality both use the UTF-8 bytes (see Identity above).
     private struct SeriesKey: Hashable {
         let labels: LabelValues
         let hash: Int
 
         init(_ labels: LabelValues) {
             self.labels = labels
-            self.hash = labels.hashValue
+            var hasher = Hasher()
+            for label in labels { label.hashBytes(into: &hasher) }
+            self.hash = hasher.finalize()
         }
 
-        static func == (a: SeriesKey, b: SeriesKey) -> Bool { a.hash == b.hash && a.labels == b.labels }
+        static func == (a: SeriesKey, b: SeriesKey) -> Bool {
+            guard a.hash == b.hash, a.labels.count == b.labels.count else { return false }
+            for index in a.labels.indices where !a.labels[index].hasSameBytes(as: b.labels[index]) { return false }
+            return true
+        }
         func hash(into hasher: inout Hasher) { hasher.combine(self.hash) }
     }
 
@@ -76,7 +87,27 @@ public final class CounterFamily: Sendable {
                 for (key, value) in series { all.append((key.labels, value)) }
             }
         }
-        all.sort { $0.labels.lexicographicallyPrecedes($1.labels) }
-        return all
+        // Sorted by bytes, outside the locks. Where every value is ASCII, `String`'s `<` is byte
+        // order and far cheaper (small strings compare without touching memory), so those series
+        // are sorted with it, the rest by bytes, and the two runs merged.
+        let firstNonASCII = all.partition { !$0.labels.allSatisfy(\.isASCII) }
+        all[..<firstNonASCII].sort { $0.labels.lexicographicallyPrecedes($1.labels) }
+        guard firstNonASCII < all.endIndex else { return all }
+        all[firstNonASCII...].sort { labelValuesPrecede($0.labels, $1.labels) }
+        var merged: [(labels: LabelValues, value: UInt64)] = []
+        merged.reserveCapacity(all.count)
+        var left = all.startIndex, right = firstNonASCII
+        while left < firstNonASCII, right < all.endIndex {
+            if labelValuesPrecede(all[right].labels, all[left].labels) {
+                merged.append(all[right])
+                right += 1
+            } else {
+                merged.append(all[left])
+                left += 1
+            }
+        }
+        merged.append(contentsOf: all[left..<firstNonASCII])
+        merged.append(contentsOf: all[right...])
+        return merged
     }
 }

@@ -108,12 +108,15 @@ public final class UsageTrackingServer: Sendable {
     }
 
     private static func reloadSecrets(_ state: ServerState, force: Bool) {
-        switch state.secrets.reloadIfChanged() {
+        switch state.secrets.reloadIfChanged(force: force) {
         case .unchanged: break
-        case .reloaded(let count) where count > 0:
+        case .reloaded(let count):
             state.logger.info("callback secrets reloaded", metadata: ["secrets": "\(count)"])
-        case .reloaded:
-            state.logger.warning("callback secret file holds no secret; every callback is refused until one is added", metadata: ["file": "\(state.secrets.filePath ?? "")"])
+        case .emptied:
+            state.logger.warning(
+                "callback secret file holds no secret; callbacks without another configured secret are refused",
+                metadata: ["file": "\(state.secrets.filePath ?? "")", "secrets": "\(state.secrets.count)"]
+            )
         case .failed(let reason):
             state.logger.error("callback secrets not reloaded; keeping the previous ones", metadata: ["reason": "\(reason)"])
         }
