@@ -18,7 +18,9 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(ROOT, "Deploy")
+EXAMPLE = os.path.join(DEPLOY, "examples", "kuadrant")
 DASHBOARDS = os.path.join(ROOT, "Dashboards")
+README = os.path.join(ROOT, "README.md")
 CRDS = os.path.join(os.path.dirname(ROOT), "shared", "crds")
 
 
@@ -161,12 +163,18 @@ def service():
     running.stop()
 
 
-def kustomize_objects():
-    output = subprocess.run([need("kubectl"), "kustomize", DEPLOY], capture_output=True, text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(output) if doc]
+def kustomize_objects(directory=DEPLOY):
+    """The objects `kubectl kustomize` builds from a directory (Deploy/ unless told)."""
+    result = subprocess.run([need("kubectl"), "kustomize", directory], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(objects, kind):
+    matches = [o for o in objects if o["kind"] == kind]
+    assert len(matches) == 1, f"{len(matches)} objects of kind {kind}"
+    return matches[0]
 
 
 def prometheus_rule_groups():
-    rules = [o for o in kustomize_objects() if o["kind"] == "PrometheusRule"]
-    assert len(rules) == 1
-    return rules[0]["spec"]["groups"]
+    return one(kustomize_objects(), "PrometheusRule")["spec"]["groups"]
