@@ -307,6 +307,24 @@ def test_dashboards_are_importable_and_aggregate_across_replicas():
     assert {v["name"] for v in usage["templating"]["list"]} == {"datasource", "namespace", "group", "user"}
 
 
+def test_dashboards_build_as_configmaps_for_the_grafana_sidecar():
+    objects = kustomize_objects(DASHBOARDS)
+    assert summary(objects) == [("ConfigMap", "monitoring", "usage-tracking-dashboard-llm-usage"),
+                                ("ConfigMap", "monitoring", "usage-tracking-dashboard-service")]
+    packaged = {}
+    for configmap in objects:
+        assert configmap["metadata"]["labels"] == {"grafana_dashboard": "1"}
+        packaged.update(configmap["data"])
+    # Every dashboard is packaged, byte for byte.
+    files = {}
+    for path in glob.glob(os.path.join(DASHBOARDS, "*.json")):
+        with open(path) as f:
+            files[os.path.basename(path)] = f.read()
+    assert packaged == files and len(files) == 2
+    # A client-side `kubectl apply` keeps a copy in an annotation limited to 256 KiB.
+    assert all(len(text) < 200_000 for text in packaged.values())
+
+
 @pytest.fixture(scope="module")
 def fed_prometheus():
     """The service and a Prometheus evaluating the project's rules, after real callbacks:
