@@ -249,7 +249,8 @@ def test_every_alert_is_tested_firing_and_not_firing():
 def readme_anchors():
     """The anchors GitHub gives README's headings: lower case, punctuation dropped, spaces to dashes."""
     with open(README) as f:
-        headings = re.findall(r"^#+ (.+)$", f.read(), re.M)
+        text = re.sub(r"^```.*?^```$", "", f.read(), flags=re.M | re.S)  # `# ...` in code is no heading
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
