@@ -61,12 +61,15 @@ def stop(process):
 class Service:
     """The built binary on 127.0.0.1 with a port the OS chose, read back from its log."""
 
-    def __init__(self, *arguments):
-        binary = os.environ.get("USAGE_TRACKING_BINARY", os.path.join(ROOT, ".build", "debug", "usage-tracking"))
+    def __init__(self, *arguments, binary=None, wrapper=(), env=None):
+        """`wrapper` is a command the binary is run under (a sandbox); `env`, when given, is its
+        whole environment."""
+        binary = binary or os.environ.get("USAGE_TRACKING_BINARY", os.path.join(ROOT, ".build", "debug", "usage-tracking"))
         if not os.access(binary, os.X_OK):
             pytest.fail(f"{binary} not built; run `swift build` (Tests/run-suite does)")
-        self.process = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", *arguments],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.binary = binary
+        self.process = subprocess.Popen([*wrapper, binary, "--host", "127.0.0.1", "--port", "0", *arguments],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []
         deadline = time.time() + 20
         while time.time() < deadline:

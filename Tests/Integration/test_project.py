@@ -29,7 +29,7 @@ def test_version_is_one_string_everywhere():
 
     service = Service()
     try:
-        printed = subprocess.run([service.process.args[0], "--version"], capture_output=True, text=True, check=True)
+        printed = subprocess.run([service.binary, "--version"], capture_output=True, text=True, check=True)
         assert printed.stdout == version + "\n"
         status, _, body = request(service.port, "GET", "/metrics")
         assert status == 200
