@@ -42,3 +42,12 @@ def test_version_is_one_string_everywhere():
 
     containers = one(kustomize_objects(), "Deployment")["spec"]["template"]["spec"]["containers"]
     assert [c["image"].rsplit(":", 1)[1] for c in containers] == [version]
+
+
+def test_readme_states_the_swift_tools_the_package_declares():
+    with open(os.path.join(ROOT, "Package.swift")) as f:
+        tools = re.match(r"// swift-tools-version:(\d+\.\d+)\n", f.read()).group(1)
+    with open(README) as f:
+        readme = f.read()
+    assert f"needs the Swift {tools} tools or newer" in readme
+    assert "It runs on Linux only" in readme and "It does not count tokens yet" in readme
