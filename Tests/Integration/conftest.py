@@ -18,7 +18,9 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(ROOT, "Deploy")
+EXAMPLE = os.path.join(DEPLOY, "examples", "kuadrant")
 DASHBOARDS = os.path.join(ROOT, "Dashboards")
+README = os.path.join(ROOT, "README.md")
 CRDS = os.path.join(os.path.dirname(ROOT), "shared", "crds")
 
 
@@ -59,12 +61,15 @@ def stop(process):
 class Service:
     """The built binary on 127.0.0.1 with a port the OS chose, read back from its log."""
 
-    def __init__(self, *arguments):
-        binary = os.environ.get("USAGE_TRACKING_BINARY", os.path.join(ROOT, ".build", "debug", "usage-tracking"))
+    def __init__(self, *arguments, binary=None, wrapper=(), env=None):
+        """`wrapper` is a command the binary is run under (a sandbox); `env`, when given, is its
+        whole environment."""
+        binary = binary or os.environ.get("USAGE_TRACKING_BINARY", os.path.join(ROOT, ".build", "debug", "usage-tracking"))
         if not os.access(binary, os.X_OK):
             pytest.fail(f"{binary} not built; run `swift build` (Tests/run-suite does)")
-        self.process = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", *arguments],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.binary = binary
+        self.process = subprocess.Popen([*wrapper, binary, "--host", "127.0.0.1", "--port", "0", *arguments],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []
         deadline = time.time() + 20
         while time.time() < deadline:
@@ -161,12 +166,18 @@ def service():
     running.stop()
 
 
-def kustomize_objects():
-    output = subprocess.run([need("kubectl"), "kustomize", DEPLOY], capture_output=True, text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(output) if doc]
+def kustomize_objects(directory=DEPLOY):
+    """The objects `kubectl kustomize` builds from a directory (Deploy/ unless told)."""
+    result = subprocess.run([need("kubectl"), "kustomize", directory], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(objects, kind):
+    matches = [o for o in objects if o["kind"] == kind]
+    assert len(matches) == 1, f"{len(matches)} objects of kind {kind}"
+    return matches[0]
 
 
 def prometheus_rule_groups():
-    rules = [o for o in kustomize_objects() if o["kind"] == "PrometheusRule"]
-    assert len(rules) == 1
-    return rules[0]["spec"]["groups"]
+    return one(kustomize_objects(), "PrometheusRule")["spec"]["groups"]

@@ -13,47 +13,178 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import CRDS, DASHBOARDS, DEPLOY, Prometheus, callback, kustomize_objects, need, prometheus_rule_groups
+from conftest import (CRDS, DASHBOARDS, DEPLOY, EXAMPLE, README, ROOT, Prometheus, callback, kustomize_objects,
+                      need, one, prometheus_rule_groups)
 
 CUSTOM = {("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
           ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
           ("kuadrant.io/v1", "AuthPolicy"): "kuadrant.io_authpolicies.yaml"}
 
+SERVICE_KINDS = ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "PrometheusRule", "Service",
+                 "ServiceMonitor"]
+# The name of the Secret the operator creates, in the service's namespace and in Authorino's.
+CALLBACK_SECRET = "usage-tracking-callback"
 
-def test_kustomize_builds_every_object():
-    kinds = sorted((o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in kustomize_objects())
-    assert kinds == sorted([
-        ("AuthPolicy", "llm-d", "llm-api"),
-        ("ConfigMap", "llm-d", "usage-tracking"),
-        ("Deployment", "llm-d", "usage-tracking"),
-        ("NetworkPolicy", "llm-d", "usage-tracking"),
-        ("PodDisruptionBudget", "llm-d", "usage-tracking"),
-        ("PrometheusRule", "llm-d", "usage-tracking"),
-        ("Secret", "kuadrant-system", "freeuser1-api-key"),
-        ("Secret", "kuadrant-system", "premiumuser1-api-key"),
-        ("Secret", "kuadrant-system", "usage-tracking-callback"),
-        ("Secret", "llm-d", "usage-tracking-callback"),
-        ("Service", "llm-d", "usage-tracking"),
-        ("ServiceMonitor", "llm-d", "usage-tracking"),
-    ])
+
+def summary(objects):
+    return sorted((o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects)
+
+
+def test_base_is_the_service_alone():
+    assert summary(kustomize_objects()) == [(kind, "llm-d", "usage-tracking") for kind in SERVICE_KINDS]
+
+
+def test_base_holds_no_credentials():
+    objects = kustomize_objects()
+    assert [o["kind"] for o in objects if o["kind"] == "Secret"] == []
+    # The secret reaches the pod only as a file from a Secret the base does not contain.
+    config = one(objects, "ConfigMap")["data"]
+    assert config["USAGE_TRACKING_CALLBACK_SECRET_FILE"] == "/etc/usage-tracking/secret"
+    assert "USAGE_TRACKING_CALLBACK_SECRET" not in config
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert [c.get("env", []) for c in pod["containers"]] == [[]]
+    assert [v["secret"]["secretName"] for v in pod["volumes"]] == [CALLBACK_SECRET]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts == {"callback-secret": os.path.dirname(config["USAGE_TRACKING_CALLBACK_SECRET_FILE"])}
+    # No text that looks like a placeholder credential either (the old base had two).
+    text = subprocess.run([need("kubectl"), "kustomize", DEPLOY], capture_output=True, text=True, check=True).stdout
+    assert not re.search(r"stringData|api_key|CHANGE-ME-to|EXAMPLE-ONLY", text)
+
+
+def overlay(tmp_path, **fields):
+    """A kustomize overlay of Deploy/ in a temporary directory, built."""
+    directory = tmp_path / "overlay"
+    directory.mkdir()
+    fields = {"resources": [os.path.relpath(DEPLOY, directory)], **fields}
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(fields))
+    return kustomize_objects(str(directory))
+
+
+def matches(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("fields,namespace,name", [
+    ({"namespace": "team-x"}, "team-x", "usage-tracking"),
+    ({"namePrefix": "team-x-"}, "llm-d", "team-x-usage-tracking"),
+    ({"namespace": "team-x", "namePrefix": "team-x-"}, "team-x", "team-x-usage-tracking"),
+])
+def test_base_works_under_namespace_and_name_prefix_overlays(tmp_path, fields, namespace, name):
+    objects = overlay(tmp_path, **fields)
+    assert summary(objects) == [(kind, namespace, name) for kind in SERVICE_KINDS]
+    configmap, deployment, service, monitor, budget, policy = (
+        one(objects, kind) for kind in ("ConfigMap", "Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget",
+                                        "NetworkPolicy"))
+    pod = deployment["spec"]["template"]
+    # References follow the renamed objects; the selectors still find the pods.
+    assert pod["spec"]["containers"][0]["envFrom"] == [{"configMapRef": {"name": configmap["metadata"]["name"]}}]
+    for selector in (deployment["spec"]["selector"]["matchLabels"], service["spec"]["selector"],
+                     budget["spec"]["selector"]["matchLabels"], policy["spec"]["podSelector"]["matchLabels"]):
+        assert selector and matches(selector, pod["metadata"]["labels"])
+    # The ServiceMonitor finds the Service in its own namespace, on a port the Service has.
+    assert "namespaceSelector" not in monitor["spec"]
+    assert matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
+    # The operator's Secret keeps its documented name in every overlay.
+    assert [v["secret"]["secretName"] for v in pod["spec"]["volumes"]] == [CALLBACK_SECRET]
+
+
+def job_selectors():
+    """Every job="..." matcher in the alert rules and dashboard queries."""
+    exprs = [r["expr"] for g in prometheus_rule_groups() for r in g["rules"]]
+    exprs += [t["expr"] for _, board in dashboards() for p in board["panels"] for t in p["targets"]]
+    return [m for e in exprs for m in re.findall(r'job\s*=~?\s*"([^"]*)"', e)]
+
+
+def test_job_label_survives_a_name_prefix(tmp_path):
+    """Prometheus takes `job` from the Service label the ServiceMonitor names in jobLabel, falling
+    back to the Service's name, which a namePrefix changes. The rules and dashboards must select
+    the job the overlay really produces."""
+    objects = overlay(tmp_path, namePrefix="team-x-")
+    service, monitor = one(objects, "Service"), one(objects, "ServiceMonitor")
+    job = service["metadata"]["labels"].get(monitor["spec"].get("jobLabel", ""), service["metadata"]["name"])
+    selectors = job_selectors()
+    assert len(selectors) == 7  # rules: up three times, scrape duration; dashboards: memory, CPU, scrape
+    assert set(selectors) == {job} == {"usage-tracking"}
+
+
+@pytest.mark.parametrize("filename", ["servicemonitor.yaml", "prometheusrule.yaml"])
+def test_release_label_is_one_uncomment_away(filename):
+    with open(os.path.join(DEPLOY, filename)) as f:
+        text = f.read()
+    lines = re.findall(r"^( *)# (release: \S+)  # CHANGE-ME.*$", text, re.M)
+    assert len(lines) == 1, f"{filename}: want one commented `release:` line"
+    indent, line = lines[0]
+    uncommented = re.sub(r"^ *# release: .*$", indent + line, text, flags=re.M)
+    labels = yaml.safe_load(uncommented)["metadata"]["labels"]
+    assert labels == {"app": "usage-tracking", "release": "kube-prometheus-stack"}
+
+
+def test_drain_delay_covers_a_scrape_and_the_grace_period_covers_both():
+    objects = kustomize_objects()
+    config = one(objects, "ConfigMap")["data"]
+    drain, shutdown = int(config["USAGE_TRACKING_DRAIN_DELAY"]), int(config["USAGE_TRACKING_SHUTDOWN_TIMEOUT"])
+    interval = one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["interval"]
+    grace = one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert (drain, shutdown, interval, grace) == (25, 15, "15s", 50)
+    assert drain >= int(interval.rstrip("s")) + 10  # a scrape interval plus endpoint propagation
+    assert grace > drain + shutdown
+
+
+def test_example_builds_on_its_own_and_says_its_keys_are_examples():
+    objects = kustomize_objects(EXAMPLE)
+    assert summary(objects) == [("AuthPolicy", "llm-d", "llm-api"),
+                                ("Secret", "kuadrant-system", "freeuser1-api-key"),
+                                ("Secret", "kuadrant-system", "premiumuser1-api-key")]
+    for secret in (o for o in objects if o["kind"] == "Secret"):
+        assert secret["stringData"]["api_key"].startswith("EXAMPLE-ONLY-"), secret["metadata"]["name"]
+    with open(os.path.join(EXAMPLE, "kustomization.yaml")) as f:
+        assert "EXAMPLE ONLY" in f.read()
+    with open(os.path.join(EXAMPLE, "api-keys.yaml")) as f:
+        assert "EXAMPLE KEYS" in f.read()
+
+
+def test_example_callback_matches_the_service():
+    policy = one(kustomize_objects(EXAMPLE), "AuthPolicy")["spec"]["rules"]
+    call = policy["callbacks"]["usage-tracking"]
+    # The `when` reads the identity success filter, which runs only for authorized requests.
+    assert call["when"] == [{"predicate": "has(auth.response.identity)"}]
+    assert "identity" in policy["response"]["success"]["filters"]
+    # Under Kuadrant request.id is empty; the request id is Envoy's header.
+    assert call["http"]["headers"] == {"x-request-id": {"expression": 'request.headers["x-request-id"]'}}
+    assert call["http"]["sharedSecretRef"] == {"name": CALLBACK_SECRET, "key": "secret"}
+    assert call["http"]["credentials"] == {"authorizationHeader": {"prefix": "Bearer"}}
+    base = kustomize_objects()
+    service = one(base, "Service")
+    assert call["http"]["url"] == (f"http://{service['metadata']['name']}.{service['metadata']['namespace']}"
+                                   ".svc.cluster.local/track")
+    assert service["spec"]["ports"][0]["port"] == 80
+    # The key Authorino reads is the file name the service reads.
+    assert one(base, "ConfigMap")["data"]["USAGE_TRACKING_CALLBACK_SECRET_FILE"].endswith("/secret")
 
 
 def test_yamllint_is_clean():
     files = glob.glob(os.path.join(DEPLOY, "**", "*.yaml"), recursive=True)
+    files += glob.glob(os.path.join(DASHBOARDS, "*.yaml"))
+    assert os.path.join(EXAMPLE, "authpolicy.yaml") in files
     result = subprocess.run([need("yamllint"), "--strict", "-c", os.path.join(DEPLOY, ".yamllint"), *files],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def all_objects():
+    return kustomize_objects() + kustomize_objects(EXAMPLE)
+
+
 def test_core_objects_validate_against_kubernetes_schemas():
-    core = [o for o in kustomize_objects() if (o["apiVersion"], o["kind"]) not in CUSTOM]
+    core = [o for o in all_objects() if (o["apiVersion"], o["kind"]) not in CUSTOM]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump_all(core, f)
     try:
         result = subprocess.run([need("kubernetes-validate"), "--strict", "-k", "1.30.0", f.name],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert result.stdout.count(" passed for resource ") == len(core), result.stdout
+        assert result.stdout.count(" passed for resource ") == len(core) == 7, result.stdout
     finally:
         os.unlink(f.name)
 
@@ -67,7 +198,7 @@ def test_custom_resources_validate_against_their_crds(api_version, kind):
         crd = yaml.safe_load(f)
     version = api_version.split("/")[1]
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
-    objects = [o for o in kustomize_objects() if (o["apiVersion"], o["kind"]) == (api_version, kind)]
+    objects = [o for o in all_objects() if (o["apiVersion"], o["kind"]) == (api_version, kind)]
     assert objects
     # The CRDs carry Go regular expressions ("(?i)" mid-pattern) that Python's metaschema check
     # refuses, so validate without checking the schema itself.
@@ -88,7 +219,7 @@ def rules_directory():
 
 
 @pytest.mark.parametrize("arguments,expected", [
-    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 10 rules found"),
+    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 11 rules found"),
     (["test", "rules", "prometheusrule-test.yaml"], "SUCCESS"),
 ])
 def test_promtool_on_the_rules(arguments, expected):
@@ -101,11 +232,45 @@ def test_promtool_on_the_rules(arguments, expected):
         shutil.rmtree(directory)
 
 
-def test_every_alert_in_the_rules_has_a_unit_test():
+def alerts():
+    return [r for g in prometheus_rule_groups() for r in g["rules"] if "alert" in r]
+
+
+def test_every_alert_is_tested_firing_and_not_firing():
     with open(os.path.join(DEPLOY, "tests", "prometheusrule-test.yaml")) as f:
-        tested = {case["alertname"] for test in yaml.safe_load(f)["tests"] for case in test.get("alert_rule_test", [])}
-    alerts = {r["alert"] for g in prometheus_rule_groups() for r in g["rules"] if "alert" in r}
-    assert alerts == tested
+        cases = [case for test in yaml.safe_load(f)["tests"] for case in test.get("alert_rule_test", [])]
+    firing = {case["alertname"] for case in cases if case["exp_alerts"]}
+    silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
+    names = {r["alert"] for r in alerts()}
+    assert len(names) == 8 and "UsageTrackingCallbacksStopped" in names
+    assert firing == silent == names
+
+
+def readme_anchors():
+    """The anchors GitHub gives README's headings: lower case, punctuation dropped, spaces to dashes."""
+    with open(README) as f:
+        text = re.sub(r"^```.*?^```$", "", f.read(), flags=re.M | re.S)  # `# ...` in code is no heading
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+RUNBOOK = "https://github.com/CHANGE-ME/usage-tracking/blob/main/README.md#"
+
+
+def test_every_alert_explains_itself_and_links_a_readme_section():
+    anchors = readme_anchors()
+    assert {"troubleshooting", "my-usage-is-not-showing-up", "deploying"} <= anchors
+    for rule in alerts():
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "description", "runbook_url"}, rule["alert"]
+        assert annotations["runbook_url"] == RUNBOOK + rule["alert"].lower()
+        assert annotations["runbook_url"][len(RUNBOOK):] in anchors, rule["alert"]
+
+
+def test_unauthorized_alert_is_a_rate_over_a_window():
+    rule = next(r for r in alerts() if r["alert"] == "UsageTrackingUnauthorizedCallbacks")
+    assert re.search(r'\brate\(usage_tracking_callbacks_total\{outcome="unauthorized"\}\[10m\]\)', rule["expr"])
+    assert rule["expr"].rstrip().endswith("* 60 > 1") and rule["for"] == "5m"
 
 
 def dashboards():
@@ -141,6 +306,24 @@ def test_dashboards_are_importable_and_aggregate_across_replicas():
                 assert "sum by" in target["expr"] or target["expr"].lstrip().startswith(("sum(", "max by", "count(")), target["expr"]
     usage = dict(dashboards())["llm-usage.json"]
     assert {v["name"] for v in usage["templating"]["list"]} == {"datasource", "namespace", "group", "user"}
+
+
+def test_dashboards_build_as_configmaps_for_the_grafana_sidecar():
+    objects = kustomize_objects(DASHBOARDS)
+    assert summary(objects) == [("ConfigMap", "monitoring", "usage-tracking-dashboard-llm-usage"),
+                                ("ConfigMap", "monitoring", "usage-tracking-dashboard-service")]
+    packaged = {}
+    for configmap in objects:
+        assert configmap["metadata"]["labels"] == {"grafana_dashboard": "1"}
+        packaged.update(configmap["data"])
+    # Every dashboard is packaged, byte for byte.
+    files = {}
+    for path in glob.glob(os.path.join(DASHBOARDS, "*.json")):
+        with open(path) as f:
+            files[os.path.basename(path)] = f.read()
+    assert packaged == files and len(files) == 2
+    # A client-side `kubectl apply` keeps a copy in an annotation limited to 256 KiB.
+    assert all(len(text) < 200_000 for text in packaged.values())
 
 
 @pytest.fixture(scope="module")

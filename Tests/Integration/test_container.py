@@ -1,0 +1,126 @@
+"""Deploy/Containerfile's binary, run the way Deploy/deployment.yaml runs it, as far as this
+machine allows without a container engine: the same static release build, as the Deployment's
+uid and gid with no capabilities and no new privileges, on a read-only root filesystem (a private
+mount namespace with / remounted read-only), with the ConfigMap's settings as its only environment
+and the callback secret as a file in a directory of its own.
+
+Tests/run-suite builds the binary once (`--scratch-path .build-static`) and names it in
+USAGE_TRACKING_STATIC_BINARY."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import ROOT, Service, kustomize_objects, need, one, request
+
+STATIC = os.environ.get("USAGE_TRACKING_STATIC_BINARY",
+                        os.path.join(ROOT, ".build-static", "release", "usage-tracking"))
+SECRET = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+
+def deployment_pod():
+    return one(kustomize_objects(), "Deployment")["spec"]["template"]["spec"]
+
+
+def sandbox():
+    """The command prefix: a private mount namespace, / read-only in it, then the pod's user."""
+    pod = deployment_pod()
+    user, group = pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
+    container = pod["containers"][0]["securityContext"]
+    # What the prefix reproduces; if the Deployment changes these, this must change too.
+    assert container == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                         "capabilities": {"drop": ["ALL"]}}
+    assert pod["securityContext"]["runAsNonRoot"] is True and user != 0
+    drop = (f'exec {need("setpriv")} --reuid={user} --regid={group} --clear-groups --inh-caps=-all '
+            '--bounding-set=-all --no-new-privs -- "$@"')
+    return [need("unshare"), "--mount", "--propagation", "private", "sh", "-c",
+            "mount -o remount,bind,ro / && " + drop, "sandbox"]
+
+
+def test_sandbox_is_what_the_deployment_asks_for():
+    """The prefix itself: the uid, no capabilities, no new privileges, and no writable root."""
+    script = ("grep -E '^(Uid|Gid|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status; "
+              "touch /tmp/usage-tracking-probe 2>&1; touch /usage-tracking-probe 2>&1; true")
+    result = subprocess.run([*sandbox(), "sh", "-c", script], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    status = dict(re.findall(r"^(\w+):\s+(.*)$", result.stdout, re.M))
+    assert status["Uid"].split() == ["65532"] * 4 and status["Gid"].split() == ["65532"] * 4
+    for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[capabilities], 16) == 0, capabilities
+    assert status["NoNewPrivs"] == "1"
+    # /tmp is world-writable on this machine: only a read-only root refuses it.
+    assert result.stdout.count("Read-only file system") == 2, result.stdout
+    assert not os.path.exists("/tmp/usage-tracking-probe")
+
+
+def test_static_binary_needs_only_what_the_runtime_image_installs():
+    if not os.access(STATIC, os.X_OK):
+        pytest.fail(f"{STATIC} not built; Tests/run-suite builds it")
+    libraries = set(re.findall(r"^\s*(\S+?)(?:\.so[.\d]*)? ", subprocess.run(
+        [need("ldd"), STATIC], capture_output=True, text=True, check=True).stdout, re.M))
+    # glibc (libc, libm, the loader), libstdc++6 (with libgcc_s) and zlib1g: the Containerfile's list.
+    assert libraries <= {"linux-vdso", "libc", "libm", "libstdc++", "libgcc_s", "libz", "/lib64/ld-linux-x86-64"}, libraries
+    with open(os.path.join(ROOT, "Deploy", "Containerfile")) as f:
+        assert "apt-get install -y --no-install-recommends libstdc++6 zlib1g" in f.read()
+
+
+@pytest.fixture
+def contained():
+    """The static binary in the sandbox, configured by the ConfigMap alone."""
+    if not os.access(STATIC, os.X_OK):
+        pytest.fail(f"{STATIC} not built; Tests/run-suite builds it")
+    config = dict(one(kustomize_objects(), "ConfigMap")["data"])
+    # The Secret as Kubernetes mounts it: a directory and a file anyone may read, owned by root
+    # (pytest's tmp_path is private to root, so not there).
+    mounted = tempfile.mkdtemp(prefix="usage-tracking-secret-")
+    secret = os.path.join(mounted, "secret")
+    with open(secret, "w") as f:
+        f.write(SECRET)
+    os.chmod(mounted, 0o755)
+    os.chmod(secret, 0o644)
+    assert os.path.basename(config["USAGE_TRACKING_CALLBACK_SECRET_FILE"]) == "secret"
+    config["USAGE_TRACKING_CALLBACK_SECRET_FILE"] = secret
+    try:
+        service = Service(binary=STATIC, wrapper=sandbox(), env={"PATH": "/usr/bin:/bin", **config})
+        yield service, config
+        # SIGKILL: a SIGTERM would wait out the ConfigMap's 25 s drain delay.
+        service.process.kill()
+        service.process.wait()
+    finally:
+        shutil.rmtree(mounted)
+
+
+def test_static_binary_serves_as_the_deployment_runs_it(contained):
+    service, config = contained
+    with open(f"/proc/{service.process.pid}/status") as f:
+        status = dict(re.findall(r"^(\w+):\s+(.*)$", f.read(), re.M))
+    assert status["Uid"].split()[0] == "65532" and int(status["CapEff"], 16) == 0  # the server itself
+
+    assert request(service.port, "GET", "/healthz")[::2] == (200, b"ok\n")
+    assert request(service.port, "GET", "/readyz")[::2] == (200, b"ready\n")
+    body = b'{"user":"alice","groups":"premium","path":"/v1/completions"}'
+    json = {"Content-Type": "application/json"}
+    assert request(service.port, "POST", "/track", body, {**json, "Authorization": f"Bearer {SECRET}"})[0] == 202
+    assert request(service.port, "POST", "/track", body, json)[0] == 401
+    assert request(service.port, "POST", "/track", body, {**json, "Authorization": "Bearer wrong"})[0] == 401
+    status, _, metrics = request(service.port, "GET", "/metrics")
+    assert status == 200
+    text = metrics.decode()
+    assert 'llm_requests_total{user="alice",groups="premium",path="/v1/completions"} 1\n' in text
+    assert 'usage_tracking_callbacks_total{outcome="unauthorized"} 2\n' in text
+    log = "".join(service.lines)
+    assert '"level":"warning"' not in log and '"level":"error"' not in log, log
+
+    # SIGTERM: the ConfigMap's drain delay keeps it serving with /readyz at 503.
+    assert int(config["USAGE_TRACKING_DRAIN_DELAY"]) >= 5
+    service.process.send_signal(signal.SIGTERM)
+    deadline = time.time() + 3
+    while request(service.port, "GET", "/readyz")[0] != 503:
+        assert time.time() < deadline, "/readyz did not turn 503 after SIGTERM"
+        time.sleep(0.05)
+    assert request(service.port, "GET", "/healthz")[0] == 200

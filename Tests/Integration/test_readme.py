@@ -1,0 +1,119 @@
+"""README.md's examples, run: every ```console block against the built binary, in order, and the
+YAML an operator is told to copy, built or compared with what Deploy/ holds.
+
+Comparison rules for console output, the only liberties taken:
+- the README's `http://localhost:8080` becomes the port the binary was started on;
+- CRLF line ends (HTTP headers) are compared as LF;
+- ISO-8601 UTC times (`2026-11-23T00:51:52.436Z`) match any such time;
+- a last expected line `...` stands for whatever output follows;
+- trailing newlines at the end of an output are ignored.
+"""
+import os
+import re
+import subprocess
+
+import yaml
+
+from conftest import DEPLOY, EXAMPLE, README, Service, kustomize_objects, need, one
+
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def readme():
+    with open(README) as f:
+        return f.read()
+
+
+def blocks(language):
+    return re.findall(r"^ *```" + language + r"\n(.*?)^ *```$", readme(), re.M | re.S)
+
+
+def console_examples():
+    """(command, expected output) pairs from every ```console block, in README order."""
+    examples = []
+    for block in blocks("console"):
+        lines = block.rstrip("\n").split("\n")
+        i = 0
+        while i < len(lines):
+            assert lines[i].startswith("$ "), f"console block line is not a command: {lines[i]!r}"
+            command = lines[i][2:]
+            while command.endswith("\\"):
+                i += 1
+                command = command[:-1] + lines[i].strip()
+            i += 1
+            output = []
+            while i < len(lines) and not lines[i].startswith("$ "):
+                output.append(lines[i])
+                i += 1
+            examples.append((command, "\n".join(output)))
+    return examples
+
+
+def normalise(text):
+    return TIME.sub("<time>", text.replace("\r\n", "\n")).rstrip("\n")
+
+
+def same(expected, actual):
+    expected, actual = normalise(expected), normalise(actual)
+    if expected.endswith("\n..."):
+        return actual.startswith(expected[:-len("...")])
+    return actual == expected
+
+
+def test_the_comparison_rules_are_narrow():
+    assert same("HTTP/1.1 202 Accepted\ncontent-length: 0\n", "HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+    assert not same("HTTP/1.1 202 Accepted\ncontent-length: 0", "HTTP/1.1 202 Accepted\r\ncontent-length: 1\r\n")
+    assert same('{"time":"2026-11-23T00:51:52.436Z"}', '{"time":"2030-01-01T12:00:00.000Z"}')
+    assert not same('{"time":"2026-11-23T00:51:52.436Z"}', '{"time":"yesterday"}')
+    assert same("a 1\nb 2\n...", "a 1\nb 2\nc 3\n")
+    assert not same("a 1\nb 2\n...", "a 1\nb 3\nc 3\n")
+    assert not same("a 1\nb 2", "a 1\nb 2\nc 3")
+
+
+def test_console_examples_print_what_the_readme_shows():
+    examples = console_examples()
+    assert [c.split()[0:3] for c, _ in examples] == [
+        ["curl", "-si", "-X"], ["curl", "-si", "-X"], ["curl", "-si", "-X"],
+        ["curl", "-s", "http://localhost:8080/metrics"], ["curl", "-si", "http://localhost:8080/readyz"],
+        ["curl", "-s", "http://localhost:8080/debug"]]
+    need("curl"), need("jq")
+    service = Service()  # defaults, as README's `swift run` starts it, on a port of its own
+    try:
+        for command, expected in examples:
+            assert command.count("http://localhost:8080/") == 1, command
+            run = command.replace("http://localhost:8080/", f"http://127.0.0.1:{service.port}/")
+            result = subprocess.run(["bash", "-o", "pipefail", "-c", run], capture_output=True, text=True, timeout=20)
+            assert result.returncode == 0, f"{command}\n{result.stderr}"
+            assert same(expected, result.stdout), f"$ {command}\n--- README\n{expected}\n--- printed\n{result.stdout}"
+    finally:
+        service.stop()
+
+
+def test_overlay_shown_builds_with_the_release_label(tmp_path):
+    overlay = next(b for b in blocks("yaml") if b.lstrip().startswith("# my-usage-tracking/kustomization.yaml"))
+    fields = yaml.safe_load(overlay)
+    assert fields["resources"] == ["../usage-tracking/Deploy"]
+    fields["resources"] = [os.path.relpath(DEPLOY, tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(fields))
+    objects = kustomize_objects(str(tmp_path))
+    labelled = sorted(o["kind"] for o in objects if o["metadata"]["labels"].get("release") == "kube-prometheus-stack")
+    assert labelled == ["PrometheusRule", "ServiceMonitor"]
+    image = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "registry.example.com/usage-tracking:0.1.0"
+
+
+def test_callback_shown_is_the_examples():
+    snippet = yaml.safe_load(next(b for b in blocks("yaml") if b.startswith("response:")))
+    rules = one(kustomize_objects(EXAMPLE), "AuthPolicy")["spec"]["rules"]
+    assert snippet == {"response": rules["response"], "callbacks": rules["callbacks"]}
+
+
+def test_secret_commands_match_what_the_deployment_mounts():
+    commands = re.findall(r"^ *kubectl -n (\S+) create secret generic (\S+) --from-literal=(\w+)=\"\$secret\"$",
+                          readme(), re.M)
+    assert commands == [("llm-d", "usage-tracking-callback", "secret"),
+                        ("kuadrant-system", "usage-tracking-callback", "secret")]
+    pod = one(kustomize_objects(), "Deployment")["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["secret"]["secretName"] == "usage-tracking-callback"
+    assert one(kustomize_objects(), "ConfigMap")["data"]["USAGE_TRACKING_CALLBACK_SECRET_FILE"] == (
+        pod["containers"][0]["volumeMounts"][0]["mountPath"] + "/secret")
