@@ -1,11 +1,15 @@
 import Logging
 import NIOCore
 
-/// On the listening channel, after NIO's accept backoff: holds accepting while
-/// `maxConnections` connections are open and resumes when one closes, so new connections wait
-/// in the kernel's backlog instead of costing a descriptor and memory each. Accept errors (the
-/// descriptor limit reached) are logged, at most once every ten seconds; the backoff handler in
-/// front retries the accept a second later, so the loop never spins on them.
+/// On the listening channel: holds accepting while `maxConnections` connections are open and
+/// resumes when one closes, so new connections wait in the kernel's backlog instead of costing a
+/// descriptor and memory each.
+///
+/// An accept that fails (the descriptor limit reached) pauses accepting for a second. NIO's
+/// `AcceptBackoffHandler` only delays the next `read`, but the listening socket stays registered
+/// for readability while its backlog is not empty, so the event loop would spin on failing
+/// accepts; turning `autoRead` off unregisters it. Accept errors are logged at most once every
+/// ten seconds.
 final class ConnectionLimiter: ChannelDuplexHandler {
     typealias InboundIn = Channel
     typealias InboundOut = Channel
@@ -50,11 +54,21 @@ final class ConnectionLimiter: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        guard error is IOError else {
+            context.fireErrorCaught(error)
+            return
+        }
+        let options = context.channel.syncOptions
+        try? options?.setOption(.autoRead, value: false)
+        context.eventLoop.assumeIsolated().scheduleTask(in: Self.acceptBackoff) {
+            try? options?.setOption(.autoRead, value: true)
+        }
         let now = NIODeadline.now()
         if self.lastErrorLog.map({ now - $0 >= .seconds(10) }) ?? true {
             self.lastErrorLog = now
             self.logger.error("cannot accept connections; retrying every second", metadata: ["error": "\(error)", "open": "\(self.open)"])
         }
-        context.fireErrorCaught(error)
     }
+
+    static let acceptBackoff = TimeAmount.seconds(1)
 }

@@ -50,14 +50,20 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     private var inputDone = false
     /// Set once shutdown asks connections to finish: close after the last request received.
     private var quiescing = false
-    /// Set once a reply that closes the connection was written; later input is ignored.
+    /// Set once a reply that closes the connection was written; later input is discarded.
     private var closing = false
+    private var discarded = 0
     /// On the event loop's clock (`EventLoop.now`), which tests can advance.
     private var lastActivity = NIODeadline.uptimeNanoseconds(0)
     private var timer: Scheduled<Void>?
 
     init(state: ServerState) {
         self.state = state
+    }
+
+    /// Request body bytes this connection holds (received and waiting), which the body limit bounds.
+    var heldBodyBytes: Int {
+        self.waiting.reduce(self.receiving?.body?.readableBytes ?? 0) { $0 + ($1.body?.readableBytes ?? 0) }
     }
 
     // MARK: lifecycle
@@ -139,8 +145,10 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Reading waits while replies are owed; once the connection is closing, what arrives is
+    /// read only to be discarded.
     private var mayRead: Bool {
-        self.writable && !self.rendering && self.waiting.isEmpty && !self.inputDone
+        self.closing || (self.writable && !self.rendering && self.waiting.isEmpty && !self.inputDone)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -158,7 +166,10 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !self.closing, !self.inputDone else { return }
+        guard !self.closing, !self.inputDone else {
+            self.discard(context: context, self.unwrapInboundIn(data))
+            return
+        }
         switch self.unwrapInboundIn(data) {
         case .head(let head):
             // One clock read serves the timers and the latency histogram.
@@ -222,7 +233,7 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         while self.writable, !self.rendering, !self.closing, let next = self.waiting.popFirst() {
             self.answer(context: context, next)
         }
-        if self.readHeld, self.mayRead, !self.closing {
+        if self.readHeld, self.mayRead {
             self.readHeld = false
             context.read()
         }
@@ -302,14 +313,34 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// The last reply on this connection: input after it is ignored, and the socket closes once
-    /// the reply is out.
+    /// The last reply on this connection. The socket is half-closed once the reply is out, so the
+    /// peer reads all of it and then the end of the stream; anything it still sends is read and
+    /// discarded until it closes its side, or `lingerTime` passes. Closing outright with unread
+    /// input would make the kernel send a reset, which can destroy the reply before it is read.
     private func writeAndClose(context: ChannelHandlerContext, _ bytes: ByteBuffer) {
         self.closing = true
         self.inputDone = true
-        context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
-            context.close(promise: nil)
+        context.writeAndFlush(self.wrapOutboundOut(bytes), promise: nil)
+        let halfClosed = context.eventLoop.makePromise(of: Void.self)
+        context.close(mode: .output, promise: halfClosed)
+        halfClosed.futureResult.assumeIsolated().whenComplete { result in
+            guard case .success = result else {
+                context.close(promise: nil)
+                return
+            }
+            context.eventLoop.assumeIsolated().scheduleTask(in: Self.lingerTime) { context.close(promise: nil) }
+            context.read()
         }
+    }
+
+    static let lingerTime = TimeAmount.seconds(2)
+    /// How much a closing connection reads and discards before it closes outright.
+    static let lingerBytes = 64 * 1024
+
+    private func discard(context: ChannelHandlerContext, _ part: HTTPServerRequestPart) {
+        guard case .body(let chunk) = part else { return }
+        self.discarded += chunk.readableBytes
+        if self.discarded > Self.lingerBytes { context.close(promise: nil) }
     }
 
     private func observe(context: ChannelHandlerContext, _ request: Request) {

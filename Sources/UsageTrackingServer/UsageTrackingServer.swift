@@ -67,10 +67,9 @@ public final class UsageTrackingServer: Sendable {
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .serverChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandlers([
-                            AcceptBackoffHandler(shouldForwardIOErrorCaught: true),
-                            ConnectionLimiter(maxConnections: configuration.maxConnections, logger: logger),
-                        ])
+                        try channel.pipeline.syncOperations.addHandler(
+                            ConnectionLimiter(maxConnections: configuration.maxConnections, logger: logger)
+                        )
                     }
                 }
                 .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
