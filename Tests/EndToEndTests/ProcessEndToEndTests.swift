@@ -15,6 +15,8 @@ import Testing
             ("--max-label-bytes", "USAGE_TRACKING_MAX_LABEL_BYTES", "256"),
             ("--max-header-bytes", "USAGE_TRACKING_MAX_HEADER_BYTES", "16384"),
             ("--idle-timeout", "USAGE_TRACKING_IDLE_TIMEOUT", "60"),
+            ("--request-timeout", "USAGE_TRACKING_REQUEST_TIMEOUT", "10"),
+            ("--max-connections", "USAGE_TRACKING_MAX_CONNECTIONS", "4096"),
             ("--shutdown-timeout", "USAGE_TRACKING_SHUTDOWN_TIMEOUT", "20"),
             ("--drain-delay", "USAGE_TRACKING_DRAIN_DELAY", "0"),
             ("--event-loop-threads", "USAGE_TRACKING_EVENT_LOOP_THREADS", "one per core"),
