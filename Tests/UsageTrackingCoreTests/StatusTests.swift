@@ -109,6 +109,13 @@ import Testing
         #expect(rates.perSecond(.accepted, last: 1, before: second + 1) == [40_000])
     }
 
+    @Test func secondsBeforeTheStartAreIgnored() {
+        let rates = CallbackRates()
+        rates.record(.accepted, atSecond: 0)
+        rates.record(.accepted, atSecond: -5)
+        #expect(rates.perSecond(.accepted, last: 3, before: 1) == [0, 0, 0])
+    }
+
     @Test func ratesUseTheTimeSinceStartWhenShorter() {
         let counts: [UInt64] = Array(repeating: 0, count: 290) + Array(repeating: 6, count: 10)
         #expect(CallbackRates.rate(counts, last: 60, elapsed: 1000) == 1)

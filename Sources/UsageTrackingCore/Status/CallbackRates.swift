@@ -61,6 +61,8 @@ public final class CallbackRates: Sendable {
 
     /// Counts one callback in `second`; tests pass seconds directly.
     public func record(_ kind: Kind, atSecond second: Int) {
+        // Seconds start at 1; anything earlier is before this instance and has no slot.
+        guard second > 0 else { return }
         let slot = self.rings[kind.rawValue].slots[second % Self.slots]
         let stamp = UInt64(truncatingIfNeeded: second) << 32
         var current = slot.value.load(ordering: .relaxed)
