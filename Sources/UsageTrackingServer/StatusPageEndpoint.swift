@@ -265,7 +265,7 @@ enum StatusPageEndpoint {
         body{font:14px/1.4 system-ui,sans-serif;margin:1em 2em;color:#222}h1{font-size:1.4em;margin:.2em 0}\
         h2{font-size:1.15em;border-bottom:1px solid #ddd;margin-top:1.4em}table{border-collapse:collapse;margin:.3em 1.5em .8em 0}\
         td,th{border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere;max-width:28em}\
-        th{background:#f3f3f3}caption{text-align:left;font-weight:600}.row{display:flex;flex-wrap:wrap;align-items:flex-start}\
+        th{background:#f3f3f3;white-space:nowrap}tbody td:first-child,tbody td:last-child{white-space:nowrap}caption{text-align:left;font-weight:600}.row{display:flex;flex-wrap:wrap;align-items:flex-start}\
         .accepted{color:#2a7d2a}.refused{color:#c0392b}.legend{margin:0;font-size:12px}dt{font-weight:600}dd{margin:0 0 .5em 1em}\
         #refresh-state.paused{color:#c0392b}
         """
