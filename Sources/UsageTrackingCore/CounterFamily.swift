@@ -93,6 +93,21 @@ public final class CounterFamily: Sendable {
         return all
     }
 
+    /// Hands `body` the series of one stripe at a time (in no particular order), each copied
+    /// under its stripe's lock and handed over after the lock is released, so `body` may take
+    /// its time. Memory: one stripe's copy at a time, reused.
+    public func forEachStripe(_ body: ([(labels: LabelValues, value: UInt64)]) -> Void) {
+        var chunk: [(labels: LabelValues, value: UInt64)] = []
+        for stripe in self.stripes {
+            chunk.removeAll(keepingCapacity: true)
+            stripe.series.withLock { series in
+                chunk.reserveCapacity(series.count)
+                for (key, value) in series { chunk.append((key.labels, value)) }
+            }
+            body(chunk)
+        }
+    }
+
     public func snapshot() -> [(labels: LabelValues, value: UInt64)] {
         var all = self.series()
         // Sorted by bytes, outside the locks. Where every value is ASCII, `String`'s `<` is byte

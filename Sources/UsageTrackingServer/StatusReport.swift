@@ -14,9 +14,12 @@ final class StatusTracking: Sendable {
 
     /// How many values per label the page ranks.
     static let topCount = 20
-    /// How long a ranking is reused: browsers refresh every few seconds, and at 1M series a
-    /// ranking costs about a second of the render thread, so several open pages must share one.
+    /// How long a ranking is reused, at least: browsers refresh every 2 s, and several open
+    /// pages must share one ranking. A ranking that took long is reused for ten times as long
+    /// (about 7 s at 1M series, where one costs about 0.7 s of the render thread), so an open
+    /// page never spends more than a tenth of that thread on it.
     static let rankingLifetime = TimeAmount.seconds(2)
+    static let rankingLifetimePerComputeTime: Int64 = 10
 
     struct Rankings: Sendable {
         var computedAt: Double
@@ -24,22 +27,25 @@ final class StatusTracking: Sendable {
         var families: [(name: String, labels: [LabelRanking])]
     }
 
-    private let cachedRankings = Mutex<(at: NIODeadline, rankings: Rankings)?>(nil)
+    private let cachedRankings = Mutex<(until: NIODeadline, rankings: Rankings)?>(nil)
 
-    /// The current rankings, recomputed when the cached ones are older than `rankingLifetime`.
-    /// Runs off the event loops (it can take a second at 1M series); the lock is held only to
-    /// read or replace the cache, never while ranking.
+    /// The current rankings, recomputed once the cached ones have expired (see
+    /// `rankingLifetime`). Runs off the event loops (0.7 s at 1M series); the lock is held only
+    /// to read or replace the cache, never while ranking.
     func rankings(of families: [CounterFamily], now: NIODeadline = .now()) -> Rankings {
-        if let cached = self.cachedRankings.withLock({ $0 }), now - cached.at < Self.rankingLifetime {
+        if let cached = self.cachedRankings.withLock({ $0 }), now < cached.until {
             return cached.rankings
         }
+        let started = NIODeadline.now()
         let rankings = Rankings(
             computedAt: wallClock(),
             families: families.map { family in
-                (family.name, LabelRanking.rank(family.series(), labelNames: family.labelNames, top: Self.topCount))
+                (family.name, LabelRanking.rank(family, top: Self.topCount))
             }
         )
-        self.cachedRankings.withLock { $0 = (now, rankings) }
+        let took = NIODeadline.now() - started
+        let lifetime = max(Self.rankingLifetime, .nanoseconds(took.nanoseconds * Self.rankingLifetimePerComputeTime))
+        self.cachedRankings.withLock { $0 = (now + lifetime, rankings) }
         return rankings
     }
 

@@ -165,6 +165,32 @@ import Testing
         #expect(ranking.top.map(\.value) == Array(expected))
     }
 
+    @Test func sumsGrowFromTheSmallestTableWithoutLosingAValue() {
+        var sums = ValueSums(capacity: 1)
+        for round in 1...3 {
+            for index in 0..<1_000 { sums.add("v\(index)", UInt64(round)) }
+        }
+        sums.add("caf\u{E9}", 1)
+        sums.add("cafe\u{301}", 2)
+        // Keyed by bytes: a `String`-keyed Dictionary would merge the two spellings of café.
+        var seen: [[UInt8]: UInt64] = [:]
+        sums.forEach { text, sum in seen[Array(text.utf8)] = sum }
+        #expect(sums.count == 1_002)
+        #expect(seen.count == 1_002)
+        #expect((0..<1_000).allSatisfy { seen[Array("v\($0)".utf8)] == 6 })
+        #expect(seen[Array("caf\u{E9}".utf8)] == 1)
+        #expect(seen[Array("cafe\u{301}".utf8)] == 2)
+    }
+
+    @Test func rankingAFamilyStripeByStripeEqualsRankingItsSnapshot() {
+        let family = CounterFamily(name: "t_total", help: "t", labelNames: ["user", "path"], stripes: 8)
+        for index in 0..<5_000 { family.increment(["u\(index % 700)", "/p\(index % 13)"], by: UInt64(index % 5 + 1)) }
+        let fromFamily = LabelRanking.rank(family, top: 20)
+        let fromSnapshot = LabelRanking.rank(family.snapshot(), labelNames: family.labelNames, top: 20)
+        #expect(fromFamily.map(\.top) == fromSnapshot.map(\.top))
+        #expect(fromFamily.map(\.distinctValues) == [700, 13])
+    }
+
     @Test func seriesWhereFiltersUnderTheStripeLocks() {
         let family = CounterFamily(name: "t_total", help: "t", labelNames: ["user", "path"], stripes: 4)
         for (user, path) in [("a", "/1"), ("b", "/1"), ("a", "/2"), ("a", "/2")] { family.increment([user, path]) }
