@@ -8,7 +8,7 @@ import Glibc
 /// goes through these instead.
 extension String {
     /// Whether both strings hold the same UTF-8 bytes.
-    func hasSameBytes(as other: String) -> Bool {
+    public func hasSameBytes(as other: String) -> Bool {
         let a = self.utf8, b = other.utf8
         guard a.count == b.count else { return false }
         // Native strings are contiguous (small ones are copied to the stack), so this is a memcmp.

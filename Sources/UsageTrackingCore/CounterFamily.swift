@@ -79,14 +79,37 @@ public final class CounterFamily: Sendable {
         self.stripes.reduce(0) { count, stripe in count + stripe.series.withLock { $0.count } }
     }
 
-    public func snapshot() -> [(labels: LabelValues, value: UInt64)] {
+    /// The series for which `isIncluded` holds, in no particular order, copied one stripe at a
+    /// time like `snapshot`. `isIncluded` runs under a stripe's lock, so it must be cheap (a
+    /// comparison of one label), and it must not touch this family.
+    public func series(where isIncluded: (LabelValues) -> Bool = { _ in true }) -> [(labels: LabelValues, value: UInt64)] {
         var all: [(labels: LabelValues, value: UInt64)] = []
         for stripe in self.stripes {
             stripe.series.withLock { series in
                 all.reserveCapacity(all.count + series.count)
-                for (key, value) in series { all.append((key.labels, value)) }
+                for (key, value) in series where isIncluded(key.labels) { all.append((key.labels, value)) }
             }
         }
+        return all
+    }
+
+    /// Hands `body` the series of one stripe at a time (in no particular order), each copied
+    /// under its stripe's lock and handed over after the lock is released, so `body` may take
+    /// its time. Memory: one stripe's copy at a time, reused.
+    public func forEachStripe(_ body: ([(labels: LabelValues, value: UInt64)]) -> Void) {
+        var chunk: [(labels: LabelValues, value: UInt64)] = []
+        for stripe in self.stripes {
+            chunk.removeAll(keepingCapacity: true)
+            stripe.series.withLock { series in
+                chunk.reserveCapacity(series.count)
+                for (key, value) in series { chunk.append((key.labels, value)) }
+            }
+            body(chunk)
+        }
+    }
+
+    public func snapshot() -> [(labels: LabelValues, value: UInt64)] {
+        var all = self.series()
         // Sorted by bytes, outside the locks. Where every value is ASCII, `String`'s `<` is byte
         // order and far cheaper (small strings compare without touching memory), so those series
         // are sorted with it, the rest by bytes, and the two runs merged.

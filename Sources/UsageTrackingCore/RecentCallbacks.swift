@@ -7,11 +7,14 @@ public final class RecentCallbacks: Sendable {
         public var time: Double
         public var callback: Callback
         public var requestID: String?
+        /// The address the callback came from (`ip:port`), when known.
+        public var sender: String?
 
-        public init(time: Double, callback: Callback, requestID: String?) {
+        public init(time: Double, callback: Callback, requestID: String?, sender: String? = nil) {
             self.time = time
             self.callback = callback
             self.requestID = requestID
+            self.sender = sender
         }
     }
 
@@ -20,12 +23,15 @@ public final class RecentCallbacks: Sendable {
         public var status: Int
         public var rejection: CallbackRejection
         public var requestID: String?
+        /// The address the callback came from (`ip:port`), when known.
+        public var sender: String?
 
-        public init(time: Double, status: Int, rejection: CallbackRejection, requestID: String?) {
+        public init(time: Double, status: Int, rejection: CallbackRejection, requestID: String?, sender: String? = nil) {
             self.time = time
             self.status = status
             self.rejection = rejection
             self.requestID = requestID
+            self.sender = sender
         }
     }
 

@@ -19,7 +19,7 @@ public final class UsageMetrics: Sendable {
     }
 
     public static let durationName = "usage_tracking_http_request_duration_seconds"
-    public static let routes = ["track", "metrics", "healthz", "readyz", "debug", "other"]
+    public static let routes = ["track", "metrics", "healthz", "readyz", "debug", "status", "other"]
     /// One histogram per route, indexed like `routes`.
     private let durations: [DurationHistogram] = UsageMetrics.routes.map { _ in DurationHistogram() }
 

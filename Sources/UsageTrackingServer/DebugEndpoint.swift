@@ -1,43 +1,120 @@
 import NIOCore
+import NIOHTTP1
 import UsageTrackingCore
 
-/// `GET /debug`: a JSON page for `kubectl port-forward`, showing what the service is doing.
-/// Secrets appear only as set/unset; rejected callbacks show field names, never bodies.
+/// `GET /debug`: the status page's facts as JSON for `kubectl port-forward` and `jq`, or the
+/// page itself (`StatusPageEndpoint`) for a client that prefers `text/html`, a browser.
+/// Secrets appear only as set/unset and by position; rejected callbacks show field names, never
+/// bodies. `?user=NAME` adds that user's series and recent callbacks.
 enum DebugEndpoint {
-    static func reply(state: ServerState) -> HTTPResponse {
-        guard let recent = state.recent else {
+    static func reply(_ head: HTTPRequestHead, state: ServerState) -> HTTPResponse {
+        if StatusPageEndpoint.prefersHTML(head.headers) {
+            var reply = StatusPageEndpoint.reply(head, state: state)
+            reply.headers.append(("vary", "accept"))
+            return reply
+        }
+        guard let report = StatusReport.gather(state: state, user: StatusReport.requestedUser(head.uri)) else {
             return .error(.notFound, "not found", ["/debug is turned off (--no-debug)"])
         }
-        let config = state.configuration
-        let uptime = Double((NIODeadline.now() - state.startedAt).nanoseconds) / 1e9
-        let document: JSONText = .object([
+        return .json(.ok, Self.json(report), headers: [("vary", "accept"), ("cache-control", "no-store")])
+    }
+
+    static func json(_ report: StatusReport) -> JSONText {
+        var members: [(String, JSONText)] = [
             ("version", .string(UsageMetrics.version)),
-            ("uptime_seconds", .number((uptime * 1000).rounded() / 1000)),
+            ("uptime_seconds", .number((report.uptimeSeconds * 1000).rounded() / 1000)),
+            ("configuration", .object(report.configuration)),
+            ("series", .object(report.series.map { ($0.name, .integer(Int64($0.count))) })),
+            ("callbacks", .object(report.outcomes.map { ($0.outcome.rawValue, .integer(Int64($0.count))) })),
+            ("recent_rejected", .array(report.recentRejected.map(Self.json))),
+            ("recent_accepted", .array(report.recentAccepted.map(Self.json))),
+            ("host_name", .string(report.hostName)),
+            ("started_at", .string(JSONLogHandler.timestamp(unixSeconds: report.startedAt))),
             (
-                "configuration",
+                "rates",
+                .object(report.rates.map { rate in
+                    (rate.kind.name, .object([("last_1m", .number(Self.rounded(rate.lastMinute))), ("last_5m", .number(Self.rounded(rate.lastFiveMinutes)))]))
+                })
+            ),
+            (
+                "per_second",
+                .object(
+                    [("seconds", .integer(Int64(CallbackRates.window)))]
+                        + report.rates.map { ($0.kind.name, .array($0.perSecond.map { .integer(Int64($0)) })) }
+                )
+            ),
+            ("top", Self.json(report.rankings)),
+            ("last_scrape", report.lastScrape.map(Self.json) ?? .null),
+            (
+                "secrets",
                 .object([
-                    ("host", .string(config.host)),
-                    ("port", .integer(Int64(config.port))),
-                    ("max_body_bytes", .integer(Int64(config.maxBodyBytes))),
-                    ("max_label_bytes", .integer(Int64(config.maxLabelBytes))),
-                    ("max_header_bytes", .integer(Int64(config.maxHeaderBytes))),
-                    ("idle_timeout_seconds", .integer(config.idleTimeout.nanoseconds / 1_000_000_000)),
-                    ("drain_delay_seconds", .integer(config.drainDelay.nanoseconds / 1_000_000_000)),
-                    ("shutdown_timeout_seconds", .integer(config.shutdownTimeout.nanoseconds / 1_000_000_000)),
-                    ("event_loop_threads", .integer(Int64(config.eventLoopThreads))),
-                    ("callback_secret_header", .string(config.callbackSecretHeader)),
-                    ("callback_secret", .string(config.callbackSecret == nil ? "unset" : "set")),
-                    ("callback_secret_file", config.callbackSecretFile.map(JSONText.string) ?? .null),
-                    ("callback_secrets_loaded", .integer(Int64(state.secrets.count))),
-                    ("authentication", .string(state.secrets.isRequired ? "required" : "off")),
+                    (
+                        "last_reload",
+                        report.lastReload.map {
+                            .object([("time", .string(JSONLogHandler.timestamp(unixSeconds: $0.time))), ("result", .string($0.result))])
+                        } ?? .null
+                    ),
+                    (
+                        "last_match",
+                        report.lastSecretMatch.map {
+                            .object([("position", .integer(Int64($0.position))), ("time", .string(JSONLogHandler.timestamp(unixSeconds: $0.time)))])
+                        } ?? .null
+                    ),
                 ])
             ),
-            ("series", .object(state.metrics.countedFamilies.map { ($0.name, .integer(Int64($0.seriesCount))) })),
-            ("callbacks", .object(state.metrics.outcomeCounts.map { ($0.outcome.rawValue, .integer(Int64($0.count))) })),
-            ("recent_rejected", .array(recent.rejectedEntries.map(Self.json))),
-            ("recent_accepted", .array(recent.acceptedEntries.map(Self.json))),
+        ]
+        if let user = report.user {
+            members.append(("user", Self.json(user, labelNames: report.labelNames)))
+        }
+        return .object(members)
+    }
+
+    private static func rounded(_ value: Double) -> Double { (value * 1000).rounded() / 1000 }
+
+    private static func json(_ rankings: StatusTracking.Rankings) -> JSONText {
+        .object(
+            [("computed_at", .string(JSONLogHandler.timestamp(unixSeconds: rankings.computedAt)))]
+                + rankings.families.map { family in
+                    (
+                        family.name,
+                        .object(family.labels.map { ranking in
+                            (
+                                ranking.labelName,
+                                .object([
+                                    ("distinct", .integer(Int64(ranking.distinctValues))),
+                                    ("top", .array(ranking.top.map { .object([("value", .string($0.value)), ("count", .integer(Int64($0.count)))]) })),
+                                ])
+                            )
+                        })
+                    )
+                }
+        )
+    }
+
+    private static func json(_ scrape: StatusEvents.Scrape) -> JSONText {
+        .object([
+            ("time", .string(JSONLogHandler.timestamp(unixSeconds: scrape.time))),
+            ("from", scrape.from.map(JSONText.string) ?? .null),
+            ("render_seconds", .number((scrape.renderSeconds * 1e6).rounded() / 1e6)),
         ])
-        return .json(.ok, document)
+    }
+
+    private static func json(_ user: StatusReport.UserView, labelNames: [String]) -> JSONText {
+        .object([
+            ("name", .string(user.name)),
+            ("series_count", .integer(Int64(user.seriesCount))),
+            ("total", .integer(Int64(user.total))),
+            (
+                "series",
+                .array(user.series.map { series in
+                    .object([
+                        ("labels", .object(zip(labelNames, series.labels).map { ($0, .string($1)) })),
+                        ("value", .integer(Int64(series.value))),
+                    ])
+                })
+            ),
+            ("recent_accepted", .array(user.recentAccepted.map(Self.json))),
+        ])
     }
 
     private static func json(_ entry: RecentCallbacks.Rejected) -> JSONText {
@@ -48,6 +125,7 @@ enum DebugEndpoint {
             ("problems", .array(entry.rejection.problems.map(JSONText.string))),
             ("request_id", entry.requestID.map(JSONText.string) ?? .null),
             ("fields", .array(entry.rejection.fieldNames.map(JSONText.string))),
+            ("sender", entry.sender.map(JSONText.string) ?? .null),
         ])
     }
 
@@ -60,6 +138,16 @@ enum DebugEndpoint {
             ("method", .string(entry.callback.method)),
             ("host", .string(entry.callback.host)),
             ("request_id", entry.requestID.map(JSONText.string) ?? .null),
+            ("sender", entry.sender.map(JSONText.string) ?? .null),
         ])
+    }
+}
+
+extension CallbackRates.Kind {
+    var name: String {
+        switch self {
+        case .accepted: "accepted"
+        case .refused: "refused"
+        }
     }
 }

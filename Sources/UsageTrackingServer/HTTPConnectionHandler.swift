@@ -56,6 +56,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     /// On the event loop's clock (`EventLoop.now`), which tests can advance.
     private var lastActivity = NIODeadline.uptimeNanoseconds(0)
     private var timer: Scheduled<Void>?
+    /// The peer as the status page shows it, formatted once per connection rather than per callback.
+    private var peer: String?
 
     init(state: ServerState) {
         self.state = state
@@ -70,11 +72,13 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.lastActivity = context.eventLoop.now
+        self.peer = context.channel.remoteAddress?.statusText
         self.writable = context.channel.isWritable
         if context.channel.isActive { self.scheduleTimer(context: context) }
     }
 
     func channelActive(context: ChannelHandlerContext) {
+        self.peer = context.channel.remoteAddress?.statusText
         self.scheduleTimer(context: context)
         context.fireChannelActive()
     }
@@ -251,8 +255,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         let head = request.head
         switch request.route {
         case .track:
-            if let rejection = request.rejection ?? TrackEndpoint.handle(head, body: request.body, state: self.state) {
-                self.complete(context: context, request, reply: TrackEndpoint.reply(to: rejection, head, state: self.state))
+            if let rejection = request.rejection ?? TrackEndpoint.handle(head, body: request.body, sender: self.peer, state: self.state) {
+                self.complete(context: context, request, reply: TrackEndpoint.reply(to: rejection, head, sender: self.peer, state: self.state))
             } else if self.closesAfter(request) {
                 self.complete(context: context, request, reply: HTTPResponse(status: .accepted))
             } else {
@@ -260,9 +264,17 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
                 context.write(self.wrapOutboundOut(HTTPResponse.acceptedBytes), promise: nil)
                 self.observe(context: context, request)
             }
-        case .metrics where head.method == .GET || head.method == .HEAD:
+        // A `where` binds to one pattern only, hence one per route.
+        case .metrics where head.isRead, .debug where head.isRead, .status where head.isRead:
+            // All three read the whole store (the status page ranks it), so none runs on the loop.
             self.rendering = true
-            self.state.runOffLoop(context.eventLoop) { [state] in MetricsEndpoint.reply(head, state: state) }
+            let render: @Sendable () -> HTTPResponse
+            switch request.route {
+            case .debug: render = { [state] in DebugEndpoint.reply(head, state: state) }
+            case .status: render = { [state] in StatusPageEndpoint.reply(head, state: state) }
+            default: render = { [state, peer] in MetricsEndpoint.reply(head, from: peer, state: state) }
+            }
+            self.state.runOffLoop(context.eventLoop, render)
                 .assumeIsolated().whenComplete { result in
                     self.rendering = false
                     let reply = (try? result.get()) ?? .error(.serviceUnavailable, "shutting down", ["the server is stopping"])
@@ -270,7 +282,7 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
                     self.answerWaiting(context: context)
                     context.flush()
                 }
-        case .metrics, .healthz, .readyz, .debug, .other:
+        case .metrics, .healthz, .readyz, .debug, .status, .other:
             self.complete(context: context, request, reply: self.readOnlyReply(request))
         }
     }
@@ -290,8 +302,7 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         switch request.route {
         case .healthz: return HealthEndpoints.liveness()
         case .readyz: return HealthEndpoints.readiness(state: self.state)
-        case .debug: return DebugEndpoint.reply(state: self.state)
-        case .track, .other, .metrics: preconditionFailure("answered elsewhere")
+        case .track, .other, .metrics, .debug, .status: preconditionFailure("answered elsewhere")
         }
     }
 
@@ -373,4 +384,9 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         self.received(context: context, Request(head: unparsed, route: .other, startNanoseconds: now, closeAfter: true, reply: response))
         context.flush()
     }
+}
+
+extension HTTPRequestHead {
+    /// GET or HEAD: what the read-only routes answer.
+    fileprivate var isRead: Bool { self.method == .GET || self.method == .HEAD }
 }

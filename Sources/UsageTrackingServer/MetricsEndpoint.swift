@@ -1,10 +1,15 @@
+import NIOCore
 import NIOHTTP1
 import UsageTrackingCore
 
 /// `GET /metrics`: the Prometheus text format, gzipped when the scraper accepts it.
 enum MetricsEndpoint {
-    static func reply(_ head: HTTPRequestHead, state: ServerState) -> HTTPResponse {
+    /// `from` is the scraper's address, which the status page shows with the render's duration.
+    static func reply(_ head: HTTPRequestHead, from: String? = nil, state: ServerState) -> HTTPResponse {
+        let started = NIODeadline.now()
         let text = state.metrics.render()
+        let renderSeconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+        state.status?.events.recordScrape(.init(time: wallClock(), from: from, renderSeconds: renderSeconds))
         guard Self.acceptsGzip(head.headers) else {
             return HTTPResponse(status: .ok, contentType: ExpositionWriter.contentType, headers: [("vary", "accept-encoding")], body: text)
         }

@@ -21,6 +21,8 @@ final class ServerState: Sendable {
     let secrets: CallbackSecrets
     /// nil when the debug view is turned off, so nothing is recorded for it either.
     let recent: RecentCallbacks?
+    /// What the status page shows beyond the recent callbacks; nil with the debug view off.
+    let status: StatusTracking?
     let startedAt = NIODeadline.now()
     let ready = Atomic<Bool>(false)
     /// Set at SIGTERM, before the drain: from then on every connection closes after its last reply.
@@ -38,12 +40,13 @@ final class ServerState: Sendable {
         self.secrets = secrets
         self.decoder = CallbackDecoder(maximumValueBytes: configuration.maxLabelBytes)
         self.recent = configuration.debugEnabled ? RecentCallbacks(capacity: 100) : nil
+        self.status = configuration.debugEnabled ? StatusTracking() : nil
     }
 }
 
 /// The endpoints the server knows; the raw values index `UsageMetrics.routes`.
 enum Route: Int {
-    case track, metrics, healthz, readyz, debug, other
+    case track, metrics, healthz, readyz, debug, status, other
 
     init(uri: String) {
         switch Self.path(of: uri) {
@@ -52,6 +55,7 @@ enum Route: Int {
         case "/healthz": self = .healthz
         case "/readyz": self = .readyz
         case "/debug": self = .debug
+        case "/": self = .status
         default: self = .other
         }
     }

@@ -42,7 +42,9 @@ enum TrackEndpoint {
             }
             secret = value.dropFirst(7)
         }
-        return state.secrets.accepts(secret.trimmingASCIISpaces().utf8) ? nil : "invalid credentials in \(name)"
+        guard let position = state.secrets.matchingSecret(secret.trimmingASCIISpaces().utf8) else { return "invalid credentials in \(name)" }
+        state.status?.events.recordSecretMatch(position: position)
+        return nil
     }
 
     static func challenge(_ state: ServerState) -> [(String, String)] {
@@ -54,7 +56,8 @@ enum TrackEndpoint {
 
     /// Decodes and counts one callback. Returns nil when it was accepted (the caller writes the
     /// prebuilt 202), or the rejection.
-    static func handle(_ head: HTTPRequestHead, body: ByteBuffer?, state: ServerState) -> CallbackRejection? {
+    /// `sender` is the peer's address, shown in the status page.
+    static func handle(_ head: HTTPRequestHead, body: ByteBuffer?, sender: String? = nil, state: ServerState) -> CallbackRejection? {
         let contentType = head.headers.first(name: "content-type")
         let decoded = (body ?? ByteBuffer()).withUnsafeReadableBytes { bytes in
             Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType) }
@@ -63,8 +66,9 @@ enum TrackEndpoint {
         case .success(let callback):
             state.metrics.requests.increment([callback.user, callback.groups, callback.path])
             state.metrics.record(.accepted)
+            state.status?.rates.record(.accepted)
             let requestID = Self.requestID(head)
-            state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID))
+            state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID, sender: sender))
             // The metadata is an autoclosure: built only when debug logging is on.
             state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID))
             return nil
@@ -88,11 +92,12 @@ enum TrackEndpoint {
     }
 
     /// Counts, records and logs a rejection and builds its reply.
-    static func reply(to rejection: CallbackRejection, _ head: HTTPRequestHead, state: ServerState) -> HTTPResponse {
+    static func reply(to rejection: CallbackRejection, _ head: HTTPRequestHead, sender: String? = nil, state: ServerState) -> HTTPResponse {
         let status = rejection.outcome.status
         state.metrics.record(rejection.outcome)
+        state.status?.rates.record(.refused)
         let requestID = Self.requestID(head)
-        state.recent?.record(.init(time: wallClock(), status: Int(status.code), rejection: rejection, requestID: requestID))
+        state.recent?.record(.init(time: wallClock(), status: Int(status.code), rejection: rejection, requestID: requestID, sender: sender))
         var metadata: Logger.Metadata = [
             "status": "\(status.code)", "outcome": "\(rejection.outcome.rawValue)",
             "problems": .array(rejection.problems.map { .string($0) }),

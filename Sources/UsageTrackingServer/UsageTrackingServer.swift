@@ -58,6 +58,9 @@ public final class UsageTrackingServer: Sendable {
             runOffLoop: { eventLoop, work in renderPool.runIfActive(eventLoop: eventLoop, work) }
         )
         Self.logAuthentication(state)
+        if secrets.isRequired {
+            state.status?.events.recordReload(.init(time: wallClock(), result: "loaded at startup: \(secrets.count) secrets"))
+        }
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
         let connections = OpenConnections()
@@ -119,7 +122,11 @@ public final class UsageTrackingServer: Sendable {
     }
 
     private static func reloadSecrets(_ state: ServerState, force: Bool) {
-        switch state.secrets.reloadIfChanged(force: force) {
+        let result = state.secrets.reloadIfChanged(force: force)
+        if let summary = Self.statusSummary(result) {
+            state.status?.events.recordReload(.init(time: wallClock(), result: summary))
+        }
+        switch result {
         case .unchanged: break
         case .reloaded(let count):
             state.logger.info("callback secrets reloaded", metadata: ["secrets": "\(count)"])
@@ -130,6 +137,16 @@ public final class UsageTrackingServer: Sendable {
             )
         case .failed(let reason):
             state.logger.error("callback secrets not reloaded; keeping the previous ones", metadata: ["reason": "\(reason)"])
+        }
+    }
+
+    /// How the status page words a reload; nil when nothing changed (checked every 2 s).
+    static func statusSummary(_ result: CallbackSecrets.Reload) -> String? {
+        switch result {
+        case .unchanged: nil
+        case .reloaded(let count): "reloaded: \(count) secrets in the file"
+        case .emptied: "the file holds no secret; only the environment's secret (if any) is accepted"
+        case .failed(let reason): "failed, previous secrets kept: \(reason)"
         }
     }
 

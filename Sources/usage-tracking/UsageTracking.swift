@@ -14,7 +14,8 @@ struct UsageTracking: AsyncParsableCommand {
         commandName: "usage-tracking",
         abstract: "Counts Authorino callbacks per user, group and path and serves them to Prometheus.",
         discussion: """
-            Endpoints: POST /track (the callback), GET /metrics, GET /healthz, GET /readyz, GET /debug.
+            Endpoints: POST /track (the callback), GET /metrics, GET /healthz, GET /readyz, GET /debug (JSON), \
+            GET / (the status page).
             Every option can also be set by the environment variable named in its help; a flag wins \
             over the variable. USAGE_TRACKING_CALLBACK_SECRET sets one callback secret (there is no \
             flag for it, so it never shows in a process list).
@@ -64,7 +65,7 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Event loop threads, 1 to 256. (env: USAGE_TRACKING_EVENT_LOOP_THREADS; default: one per core)")
     var eventLoopThreads: Int?
 
-    @Flag(help: "Turn off GET /debug and the recent-callback lists it keeps. (env: USAGE_TRACKING_NO_DEBUG=true)")
+    @Flag(help: "Turn off GET /debug, the status page GET / and what they record. (env: USAGE_TRACKING_NO_DEBUG=true)")
     var noDebug = false
 
     func run() async throws {

@@ -119,8 +119,8 @@ private let authorinoBody = #"{"groups":"premium","host":"localhost:8000","metho
         #expect(logs.contains { $0.contains(#""msg":"callback rejected""#) && $0.contains(#""request_id":"req-43""#) && $0.contains(#""status":"422""#) })
         let debug = try harness.send(PipelineHarness.get("/debug"))[0].text
         #expect(debug.contains(try Regex(#"\{"time":"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z","user":"premiumuser1""#)))
-        #expect(debug.contains(#""user":"premiumuser1","groups":"premium","path":"/v1/completions","method":"POST","host":"localhost:8000","request_id":"req-42"}"#))
-        #expect(debug.contains(#""status":422,"outcome":"invalid","problems":["user: must be a string, got number"],"request_id":"req-43","fields":["user","secretish"]}"#))
+        #expect(debug.contains(#""user":"premiumuser1","groups":"premium","path":"/v1/completions","method":"POST","host":"localhost:8000","request_id":"req-42","sender":"127.0.0.1:9999"}"#))
+        #expect(debug.contains(#""status":422,"outcome":"invalid","problems":["user: must be a string, got number"],"request_id":"req-43","fields":["user","secretish"],"sender":"127.0.0.1:9999"}"#))
         #expect(!debug.contains("value-not-shown"))
     }
 }

@@ -69,3 +69,29 @@ if only == nil || only == "exposition" {
     let zip = measure("gzip the rendering", operations: 1) { compressed = Gzip.compress(text) }
     print("rendering: \(text.count) bytes, gzip \(compressed.count) bytes; render \(String(format: "%.1f", render / 1e6)) ms, gzip \(String(format: "%.1f", zip / 1e6)) ms")
 }
+
+// The status page's costs: recording a callback in the per-second rings (on /track's path), and
+// ranking label values over every series (off the loops), split into the copy and each label.
+if only == nil || only == "status" {
+    let rates = CallbackRates()
+    let records = 10_000_000
+    _ = measure("CallbackRates.record (clock + atomic add)", operations: records) {
+        for _ in 0..<records { rates.record(.accepted) }
+    }
+    let family = CounterFamily(name: "llm_requests_total", help: "h", labelNames: ["user", "groups", "path"])
+    let series = 100_000 * scale
+    for i in 0..<series { family.increment(["distinct\(i)", "group\(i % 10)", "/v1/path\(i % 100)"]) }
+    var copied: [(labels: LabelValues, value: UInt64)] = []
+    let copy = measure("copy \(series) series (unsorted)", operations: 1) { copied = family.series() }
+    for (index, name) in family.labelNames.enumerated() {
+        let alone = copied.map { (labels: [$0.labels[index]], value: $0.value) }
+        _ = measure("rank by \(name) alone", operations: 1) { _ = LabelRanking.rank(alone, labelNames: [name], top: 20) }
+    }
+    _ = measure("rank all three labels from the copy", operations: 1) { _ = LabelRanking.rank(copied, labelNames: family.labelNames, top: 20) }
+    copied = []
+    let rank = measure("rank all three labels stripe by stripe (as served)", operations: 1) { _ = LabelRanking.rank(family, top: 20) }
+    let lookup = measure("one user's series (scan under the stripe locks)", operations: 1) {
+        _ = family.series { $0[0].hasSameBytes(as: "distinct12345") }
+    }
+    print("status at \(series) series: ranking as served \(String(format: "%.0f", rank / 1e6)) ms (a full copy alone takes \(String(format: "%.0f", copy / 1e6)) ms); user lookup \(String(format: "%.0f", lookup / 1e6)) ms")
+}
