@@ -36,7 +36,10 @@ final class ServerState: Sendable {
         self.logger = logger
         self.metrics = metrics
         self.secrets = secrets
-        self.decoder = CallbackDecoder(maximumValueBytes: configuration.maxLabelBytes)
+        self.decoder = CallbackDecoder(
+            schema: metrics.schema, maximumValueBytes: configuration.maxLabelBytes,
+            hasher: configuration.labelHMACKey.map { LabelHasher(key: $0) }
+        )
         self.recent = configuration.debugEnabled ? RecentCallbacks(capacity: 100) : nil
     }
 }

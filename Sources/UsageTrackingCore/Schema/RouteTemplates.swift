@@ -1,0 +1,102 @@
+/// Path templates such as `/v1/models/{model}`: a path that matches one is counted under the
+/// template, so ids in paths collapse to one value and known routes never spend a label budget.
+///
+/// Matching walks a tree of segments: a literal segment is a dictionary lookup, a `{name}`
+/// segment matches any one segment, and literals win over parameters. Empty segments (a doubled
+/// or trailing slash) are ignored, so `/v1/models/` matches `/v1/models`.
+public struct RouteTemplates: Sendable {
+    /// OpenAI- and Anthropic-compatible APIs, and the extra routes vLLM serves beside them.
+    public static let builtIn: [String] = [
+        "/v1/chat/completions", "/v1/chat/completions/{completion_id}", "/v1/chat/completions/{completion_id}/messages",
+        "/v1/completions", "/v1/embeddings",
+        "/v1/responses", "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
+        "/v1/responses/{response_id}/input_items",
+        "/v1/models", "/v1/models/{model}", "/v1/moderations",
+        "/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations",
+        "/v1/images/generations", "/v1/images/edits", "/v1/images/variations",
+        "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content",
+        "/v1/uploads", "/v1/uploads/{upload_id}/parts", "/v1/uploads/{upload_id}/complete", "/v1/uploads/{upload_id}/cancel",
+        "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel",
+        "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{fine_tuning_job_id}",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+        "/v1/vector_stores", "/v1/vector_stores/{vector_store_id}",
+        "/v1/messages", "/v1/messages/count_tokens", "/v1/messages/batches", "/v1/messages/batches/{message_batch_id}",
+        "/v1/messages/batches/{message_batch_id}/cancel", "/v1/messages/batches/{message_batch_id}/results",
+        "/v1/complete",
+        "/v1/rerank", "/v1/score", "/tokenize", "/detokenize",
+    ]
+
+    private final class Node: Sendable {
+        let literals: [Substring: Node]
+        let parameter: Node?
+        /// The template a path ending here is counted under.
+        let template: String?
+
+        init(literals: [Substring: Node], parameter: Node?, template: String?) {
+            self.literals = literals
+            self.parameter = parameter
+            self.template = template
+        }
+    }
+
+    private let root: Node
+    /// Every template, to tell a known route from a raw path when budgets are spent.
+    public let templates: Set<String>
+
+    public init(_ templates: [String]) {
+        self.templates = Set(templates.map(Self.canonical))
+        self.root = Self.build(self.templates.map { ($0, Self.segments($0)[...]) })
+    }
+
+    /// The template `path` matches, or nil.
+    public func match(_ path: String) -> String? {
+        var segments: [Substring] = []
+        segments.reserveCapacity(8)
+        for segment in path.split(separator: "/", omittingEmptySubsequences: true) {
+            // Paths deeper than any template cannot match; stop splitting a hostile one early.
+            guard segments.count < 16 else { return nil }
+            segments.append(segment)
+        }
+        return Self.match(segments[...], self.root)
+    }
+
+    private static func match(_ segments: ArraySlice<Substring>, _ node: Node) -> String? {
+        guard let first = segments.first else { return node.template }
+        if let literal = node.literals[first], let found = match(segments.dropFirst(), literal) { return found }
+        if let parameter = node.parameter { return match(segments.dropFirst(), parameter) }
+        return nil
+    }
+
+    static func isParameter(_ segment: Substring) -> Bool {
+        segment.count > 2 && segment.first == "{" && segment.last == "}"
+    }
+
+    static func segments(_ template: String) -> [Substring] {
+        template.split(separator: "/", omittingEmptySubsequences: true)
+    }
+
+    /// `/v1//models/` and `/v1/models` are one template.
+    static func canonical(_ template: String) -> String {
+        "/" + segments(template).joined(separator: "/")
+    }
+
+    private static func build(_ entries: [(template: String, rest: ArraySlice<Substring>)]) -> Node {
+        let here = entries.first { $0.rest.isEmpty }?.template
+        var literal: [Substring: [(String, ArraySlice<Substring>)]] = [:]
+        var parameter: [(String, ArraySlice<Substring>)] = []
+        for (template, rest) in entries {
+            guard let first = rest.first else { continue }
+            if isParameter(first) {
+                parameter.append((template, rest.dropFirst()))
+            } else {
+                literal[first, default: []].append((template, rest.dropFirst()))
+            }
+        }
+        return Node(
+            literals: literal.mapValues { build($0) },
+            parameter: parameter.isEmpty ? nil : build(parameter),
+            template: here
+        )
+    }
+}
