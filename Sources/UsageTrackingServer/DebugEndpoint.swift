@@ -30,6 +30,11 @@ enum DebugEndpoint {
                     ("callback_secret_file", config.callbackSecretFile.map(JSONText.string) ?? .null),
                     ("callback_secrets_loaded", .integer(Int64(state.secrets.count))),
                     ("authentication", .string(state.secrets.isRequired ? "required" : "off")),
+                    ("config_file", config.schemaFile.map(JSONText.string) ?? .null),
+                    ("metrics", .array(state.metrics.families.map { JSONText.string($0.name) })),
+                    ("new_series_hold_seconds", .integer(config.newSeriesHold.nanoseconds / 1_000_000_000)),
+                    ("label_hmac_key", .string(config.labelHMACKey == nil ? "unset" : "set")),
+                    ("label_hmac_key_file", config.labelHMACKeyFile.map(JSONText.string) ?? .null),
                 ])
             ),
             ("series", .object(state.metrics.countedFamilies.map { ($0.name, .integer(Int64($0.seriesCount))) })),

@@ -67,10 +67,26 @@ struct UsageTracking: AsyncParsableCommand {
     @Flag(help: "Turn off GET /debug and the recent-callback lists it keeps. (env: USAGE_TRACKING_NO_DEBUG=true)")
     var noDebug = false
 
+    @Option(help: "Metering config (YAML): the metrics, their labels and budgets; see --print-config. (env: USAGE_TRACKING_CONFIG; default: the built-in llm_requests_total{user,groups,path})")
+    var config: String?
+
+    @Flag(help: "Print the effective metering config as YAML (the built-in one, or --config's) and exit.")
+    var printConfig = false
+
+    @Option(help: "File holding the key for labels with 'hash: hmac-sha256' (a trailing newline is ignored). (env: USAGE_TRACKING_LABEL_HMAC_KEY_FILE; default: none)")
+    var labelHmacKeyFile: String?
+
+    @Option(parsing: .unconditional, help: "Seconds a new series is exposed as 0 before its count, 0 to 3600, so increase() sees its first requests; twice the scrape interval. (env: USAGE_TRACKING_NEW_SERIES_HOLD; default: 0)")
+    var newSeriesHold: Int?
+
     func run() async throws {
         // Logs go to a pipe that may close; a write to it must fail, not kill the process.
         Glibc.signal(SIGPIPE, SIG_IGN)
         defer { LogLineWriter.standardOutput.flush(timeout: .seconds(2)) }
+        if self.printConfig {
+            print(try self.schema(Environment()).schema.yaml, terminator: "")
+            return
+        }
         let config = try self.configuration(Environment())
         let levelName = self.logLevel ?? Environment().string("LOG_LEVEL") ?? "info"
         guard let level = Logger.Level(rawValue: levelName.lowercased()) else {
@@ -123,7 +139,34 @@ struct UsageTracking: AsyncParsableCommand {
             throw ValidationError("--callback-secret-header (USAGE_TRACKING_CALLBACK_SECRET_HEADER) must be a header name, got '\(config.callbackSecretHeader)'")
         }
         config.debugEnabled = !(try self.noDebug || env.boolean("USAGE_TRACKING_NO_DEBUG"))
+        config.newSeriesHold = try seconds(self.newSeriesHold, "new-series-hold", "USAGE_TRACKING_NEW_SERIES_HOLD", 0...3600) ?? config.newSeriesHold
+        (config.schema, config.schemaFile) = try self.schema(env)
+        config.labelHMACKeyFile = self.labelHmacKeyFile ?? env.string("USAGE_TRACKING_LABEL_HMAC_KEY_FILE")
+        if let path = config.labelHMACKeyFile {
+            let flag = "--label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE)"
+            switch readFileBytes(path, limit: 4096) {
+            case .failure(let error): throw ValidationError("\(flag): cannot read \(path): \(error)")
+            case .success(let bytes):
+                let key = LabelHasher.key(fromFile: bytes)
+                guard !key.isEmpty else { throw ValidationError("\(flag): \(path) is empty; a hashed label needs a key") }
+                guard key.count <= 4096 else { throw ValidationError("\(flag): \(path) is over 4096 bytes") }
+                config.labelHMACKey = key
+            }
+        }
+        if config.schema.needsHMACKey, config.labelHMACKey == nil {
+            throw ValidationError("\(config.schemaFile ?? "the config"): a label has 'hash: hmac-sha256' but --label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE) is not set")
+        }
         return config
+    }
+
+    /// The schema from --config, or the built-in one; a bad file stops here with its line and key.
+    private func schema(_ env: Environment) throws -> (schema: MeteringSchema, file: String?) {
+        guard let path = self.config ?? env.string("USAGE_TRACKING_CONFIG") else { return (.default, nil) }
+        do {
+            return (try MeteringSchema.load(file: path), path)
+        } catch {
+            throw ValidationError("--config (USAGE_TRACKING_CONFIG): \(error)")
+        }
     }
 
     private static func isHeaderNameByte(_ byte: UInt8) -> Bool {
