@@ -223,7 +223,11 @@ public struct CallbackDecoder: Sendable {
         case .number(let number):
             reading = number
         case .text(let text?):
-            // A form sends digits as text.
+            // A form sends digits as text; JSON has numbers for that.
+            guard fields.mergesRepeats else {
+                problems.add(rank, "\(expectation), got string")
+                return nil
+            }
             guard let number = NumberReading(text: text) else {
                 problems.add(rank, "\(expectation), got text")
                 return nil
