@@ -85,6 +85,12 @@ def contained():
     os.chmod(secret, 0o644)
     assert os.path.basename(config["USAGE_TRACKING_CALLBACK_SECRET_FILE"]) == "secret"
     config["USAGE_TRACKING_CALLBACK_SECRET_FILE"] = secret
+    # The metering config as the ConfigMap volume mounts it; envFrom skips its key.
+    metering = os.path.join(mounted, "config.yaml")
+    with open(metering, "w") as f:
+        f.write(config.pop("config.yaml"))
+    os.chmod(metering, 0o644)
+    config["USAGE_TRACKING_CONFIG"] = metering
     try:
         service = Service(binary=STATIC, wrapper=sandbox(), env={"PATH": "/usr/bin:/bin", **config})
         yield service, config
