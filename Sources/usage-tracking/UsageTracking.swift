@@ -135,7 +135,7 @@ struct UsageTracking: AsyncParsableCommand {
         // Set but blank is passed on (and refused at startup), never read as "no secret".
         config.callbackSecret = env.raw("USAGE_TRACKING_CALLBACK_SECRET")
         config.callbackSecretHeader = self.callbackSecretHeader ?? env.string("USAGE_TRACKING_CALLBACK_SECRET_HEADER") ?? config.callbackSecretHeader
-        guard !config.callbackSecretHeader.isEmpty, config.callbackSecretHeader.utf8.allSatisfy(Self.isHeaderNameByte) else {
+        guard !config.callbackSecretHeader.isEmpty, config.callbackSecretHeader.utf8.allSatisfy(isHeaderNameByte) else {
             throw ValidationError("--callback-secret-header (USAGE_TRACKING_CALLBACK_SECRET_HEADER) must be a header name, got '\(config.callbackSecretHeader)'")
         }
         config.debugEnabled = !(try self.noDebug || env.boolean("USAGE_TRACKING_NO_DEBUG"))
@@ -166,15 +166,6 @@ struct UsageTracking: AsyncParsableCommand {
             return (try MeteringSchema.load(file: path), path)
         } catch {
             throw ValidationError("--config (USAGE_TRACKING_CONFIG): \(error)")
-        }
-    }
-
-    private static func isHeaderNameByte(_ byte: UInt8) -> Bool {
-        switch byte {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"):
-            true
-        // The other characters HTTP allows in a header name (RFC 9110 "tchar").
-        default: "!#$%&'*+-.^_`|~".utf8.contains(byte)
         }
     }
 

@@ -49,22 +49,23 @@ public struct RouteTemplates: Sendable {
         self.root = Self.build(self.templates.map { ($0, Self.segments($0)[...]) })
     }
 
-    /// The template `path` matches, or nil.
+    /// The template `path` matches, or nil. Walks the path's segments in place: no allocation.
     public func match(_ path: String) -> String? {
-        var segments: [Substring] = []
-        segments.reserveCapacity(8)
-        for segment in path.split(separator: "/", omittingEmptySubsequences: true) {
-            // Paths deeper than any template cannot match; stop splitting a hostile one early.
-            guard segments.count < 16 else { return nil }
-            segments.append(segment)
-        }
-        return Self.match(segments[...], self.root)
+        Self.match(path[...], self.root, depth: 0)
     }
 
-    private static func match(_ segments: ArraySlice<Substring>, _ node: Node) -> String? {
-        guard let first = segments.first else { return node.template }
-        if let literal = node.literals[first], let found = match(segments.dropFirst(), literal) { return found }
-        if let parameter = node.parameter { return match(segments.dropFirst(), parameter) }
+    /// Paths deeper than this cannot match any sensible template; a hostile one stops early.
+    static let maximumDepth = 16
+
+    private static func match(_ path: Substring, _ node: Node, depth: Int) -> String? {
+        let slash = UInt8(ascii: "/")
+        guard let start = path.utf8.firstIndex(where: { $0 != slash }) else { return node.template }
+        guard depth < Self.maximumDepth else { return nil }
+        let rest = path[start...]
+        let end = rest.utf8.firstIndex(of: slash) ?? rest.endIndex
+        let after = rest[end...]
+        if let literal = node.literals[rest[..<end]], let found = match(after, literal, depth: depth + 1) { return found }
+        if let parameter = node.parameter { return match(after, parameter, depth: depth + 1) }
         return nil
     }
 

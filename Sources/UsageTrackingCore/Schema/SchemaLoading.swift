@@ -264,7 +264,7 @@ private struct ConfigReader {
 }
 
 /// The characters HTTP allows in a header name (RFC 9110 "tchar").
-func isHeaderNameByte(_ byte: UInt8) -> Bool {
+public func isHeaderNameByte(_ byte: UInt8) -> Bool {
     switch byte {
     case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
     default: "!#$%&'*+-.^_`|~".utf8.contains(byte)
