@@ -45,8 +45,7 @@ extension MeteringSchema {
             throw LoadError(file: file, line: nil, key: "", problem: "is not valid YAML (\(error))")
         }
         guard let root else { throw LoadError(file: file, line: 1, key: "", problem: "is empty; it needs `metrics:`") }
-        var reader = ConfigReader(file: file)
-        return try reader.schema(root)
+        return try ConfigReader(file: file).schema(root)
     }
 
     private static func syntaxError(_ error: YamlError, file: String) -> LoadError {
@@ -121,11 +120,11 @@ private struct ConfigReader {
         case .sequence: "a list"
         case .alias: "an alias"
         case .scalar(let scalar):
-            if scalar.style != .plain { "'\(scalar.string.truncated(toUTF8Bytes: 64))'" } else if node.null != nil { "nothing" } else { "'\(scalar.string.truncated(toUTF8Bytes: 64))'" }
+            scalar.style == .plain && node.null != nil ? "nothing" : "'\(scalar.string.truncated(toUTF8Bytes: 64))'"
         }
     }
 
-    mutating func schema(_ root: Node) throws(LoadError) -> MeteringSchema {
+    func schema(_ root: Node) throws(LoadError) -> MeteringSchema {
         let top = try self.mapping(root, "", allowed: ["metrics", "routes"])
         guard let metricsNode = top["metrics"] else { throw self.error(root, "metrics", "required") }
         let metricNodes = try self.sequence(metricsNode, "metrics")
@@ -160,7 +159,7 @@ private struct ConfigReader {
     }
 
 
-    mutating func metric(_ node: Node, _ key: String) throws(LoadError) -> MeteringSchema.Metric {
+    func metric(_ node: Node, _ key: String) throws(LoadError) -> MeteringSchema.Metric {
         let fields = try self.mapping(node, key, allowed: ["name", "help", "max_series", "value", "labels"])
         guard let nameNode = fields["name"] else { throw self.error(node, "\(key).name", "required") }
         let name = try self.string(nameNode, "\(key).name")
