@@ -97,7 +97,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     }
 
     /// One timer per connection enforces both time limits without a schedule per request: the
-    /// idle timeout (no bytes for that long) and the request timeout (a request still arriving
+    /// idle timeout (no bytes for that long, whether or not replies wait to be read) and the
+    /// request timeout (a request still arriving
     /// that long after its head, however steadily it trickles). It fires at the earlier deadline,
     /// and at least once per request timeout, so a request that starts after it was set is
     /// seen in time to be cut off at its own deadline.
@@ -128,7 +129,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
             timedOut.reply = .error(.requestTimeout, "request timeout", ["the request did not arrive in full within \(seconds) s"])
             self.received(context: context, timedOut)
             context.flush()
-        } else if self.receiving == nil, self.waiting.isEmpty, !self.rendering, now >= self.lastActivity + config.idleTimeout {
+        } else if self.receiving == nil, !self.rendering, now >= self.lastActivity + config.idleTimeout {
+            // Silent, or with replies waiting that the client has not read for that long.
             context.close(promise: nil)
         } else {
             self.scheduleTimer(context: context)

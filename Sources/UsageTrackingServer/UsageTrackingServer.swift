@@ -15,7 +15,8 @@ public final class UsageTrackingServer: Sendable {
     private let renderPool: NIOThreadPool
     private let listener: Channel
     private let connections: OpenConnections
-    private let secretWatcher: Task<Void, Never>?
+    /// Background work that ends with the server: the secret file watcher and the memory releaser.
+    private let housekeeping: [Task<Void, Never>]
     private enum ShutdownPhase {
         case running, draining(Task<Void, Never>), stopping
     }
@@ -23,7 +24,7 @@ public final class UsageTrackingServer: Sendable {
 
     private init(
         state: ServerState, group: MultiThreadedEventLoopGroup, renderPool: NIOThreadPool, listener: Channel,
-        connections: OpenConnections, secretWatcher: Task<Void, Never>?
+        connections: OpenConnections, housekeeping: [Task<Void, Never>]
     ) {
         self.state = state
         self.group = group
@@ -31,7 +32,7 @@ public final class UsageTrackingServer: Sendable {
         self.listener = listener
         self.localAddress = listener.localAddress!
         self.connections = connections
-        self.secretWatcher = secretWatcher
+        self.housekeeping = housekeeping
     }
 
     /// The pipeline of one connection: NIO's request decoder with our limits, then our handler.
@@ -101,7 +102,18 @@ public final class UsageTrackingServer: Sendable {
             }
         }
 
-        let server = UsageTrackingServer(state: state, group: group, renderPool: renderPool, listener: listener, connections: connections, secretWatcher: watcher)
+        // glibc keeps freed memory for reuse and seldom returns pages from the middle of its heaps:
+        // without this, the peak of a burst (a large scrape, a flood of connections) stays resident.
+        let memoryReleaser = Task.detached {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(10))
+                _ = releaseFreeMemory(0)
+            }
+        }
+        let server = UsageTrackingServer(
+            state: state, group: group, renderPool: renderPool, listener: listener, connections: connections,
+            housekeeping: [watcher, memoryReleaser].compactMap { $0 }
+        )
         state.ready.store(true, ordering: .relaxed)
         let address = "\(server.localAddress.ipAddress ?? configuration.host):\(server.localAddress.port ?? configuration.port)"
         logger.info("listening", metadata: ["address": "\(address)", "version": "\(UsageMetrics.version)"])
@@ -145,7 +157,7 @@ public final class UsageTrackingServer: Sendable {
         guard first else { return }
         self.state.stopping.store(true, ordering: .relaxed)
         self.state.ready.store(false, ordering: .relaxed)
-        self.secretWatcher?.cancel()
+        self.housekeeping.forEach { $0.cancel() }
         if case .draining(let drain) = self.phase.withLock({ $0 }) {
             self.state.logger.info("draining: /readyz reports 503, replies close their connections", metadata: ["seconds": "\(Double(delay.nanoseconds) / 1e9)"])
             await drain.value
@@ -223,3 +235,7 @@ public enum ConfigurationError: Error, CustomStringConvertible {
         }
     }
 }
+
+/// glibc's `malloc_trim`, which Swift's Glibc module does not export (it lives in malloc.h).
+@_silgen_name("malloc_trim")
+private func releaseFreeMemory(_ pad: Int) -> Int32

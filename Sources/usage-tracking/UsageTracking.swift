@@ -87,6 +87,10 @@ struct UsageTracking: AsyncParsableCommand {
             print(try self.schema(Environment()).schema.yaml, terminator: "")
             return
         }
+        // Caught from the start: one arriving while the server starts waits for it, and never
+        // takes a signal's default action (which for most of them ends the process).
+        let signals = SignalEvents()
+        defer { signals.stop() }
         let config = try self.configuration(Environment())
         let levelName = self.logLevel ?? Environment().string("LOG_LEVEL") ?? "info"
         guard let level = Logger.Level(rawValue: levelName.lowercased()) else {
@@ -102,7 +106,7 @@ struct UsageTracking: AsyncParsableCommand {
             logger.critical("cannot start", metadata: ["error": "\(error)"])
             throw ExitCode.failure
         }
-        await Self.handleSignals(server: server, logger: logger)
+        await Self.handleSignals(signals, server: server, logger: logger)
     }
 
     /// Flags win over environment variables; every number is checked against its range, and an
@@ -172,20 +176,10 @@ struct UsageTracking: AsyncParsableCommand {
     /// Serves until SIGTERM (Kubernetes) or SIGINT (Ctrl-C) and shuts down; a second one ends the
     /// drain early. SIGHUP re-reads the secret file; SIGUSR1 and SIGUSR2, which would otherwise
     /// kill the process and every count in it, are logged and ignored.
-    private static func handleSignals(server: UsageTrackingServer, logger: Logger) async {
-        let names = [SIGTERM: "SIGTERM", SIGINT: "SIGINT", SIGHUP: "SIGHUP", SIGUSR1: "SIGUSR1", SIGUSR2: "SIGUSR2"]
-        let (signals, continuation) = AsyncStream.makeStream(of: Int32.self)
-        let sources = names.keys.map { number in
-            // Dispatch delivers the signal only once its default action is turned off.
-            Glibc.signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { continuation.yield(number) }
-            source.resume()
-            return source
-        }
+    private static func handleSignals(_ signals: SignalEvents, server: UsageTrackingServer, logger: Logger) async {
         var shutdown: Task<Void, Never>?
-        for await number in signals {
-            let name = names[number] ?? "signal \(number)"
+        for await number in signals.stream {
+            let name = SignalEvents.names[number] ?? "signal \(number)"
             switch number {
             case SIGHUP:
                 logger.info("signal received: re-reading the callback secret file", metadata: ["signal": "\(name)"])
@@ -195,7 +189,7 @@ struct UsageTracking: AsyncParsableCommand {
             default:
                 logger.info("signal received", metadata: ["signal": "\(name)"])
                 if shutdown == nil {
-                    shutdown = Task {
+                    shutdown = Task { [continuation = signals.continuation] in
                         await server.shutdown()
                         continuation.finish()
                     }
@@ -204,8 +198,31 @@ struct UsageTracking: AsyncParsableCommand {
                 }
             }
         }
-        sources.forEach { $0.cancel() }
     }
+}
+
+/// The signals the service handles, delivered as a stream instead of by their default actions.
+struct SignalEvents {
+    static let names = [SIGTERM: "SIGTERM", SIGINT: "SIGINT", SIGHUP: "SIGHUP", SIGUSR1: "SIGUSR1", SIGUSR2: "SIGUSR2"]
+    let stream: AsyncStream<Int32>
+    let continuation: AsyncStream<Int32>.Continuation
+    private let sources: [DispatchSourceSignal]
+
+    init() {
+        let (stream, continuation) = AsyncStream.makeStream(of: Int32.self)
+        self.stream = stream
+        self.continuation = continuation
+        self.sources = Self.names.keys.map { number in
+            // Dispatch delivers the signal only once its default action is turned off.
+            Glibc.signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler { continuation.yield(number) }
+            source.resume()
+            return source
+        }
+    }
+
+    func stop() { self.sources.forEach { $0.cancel() } }
 }
 /// Reads settings from environment variables; a set but unparsable value is an error, not a default.
 struct Environment {

@@ -245,3 +245,16 @@ extension PipelineHarness {
         #expect(!harness.channel.isActive)
     }
 }
+
+@Suite struct UnreadRepliesTests {
+    /// A client that stops reading cannot keep its queued requests, and the connection, forever.
+    @Test func connectionWhoseRepliesGoUnreadIsClosedAtTheIdleTimeout() throws {
+        let harness = try PipelineHarness { $0.idleTimeout = .seconds(5) }
+        harness.setWritable(false)
+        #expect(try harness.send(PipelineHarness.get("/healthz")).isEmpty)
+        harness.channel.embeddedEventLoop.advanceTime(by: .seconds(4))
+        #expect(harness.channel.isActive)
+        harness.channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(!harness.channel.isActive)
+    }
+}
