@@ -6,7 +6,8 @@ final class DecodingPlan: Sendable {
         case header(Int)
     }
 
-    struct Label: Sendable {
+    /// A class, so walking the labels per callback retains one reference, not each field.
+    final class Label: Sendable {
         let input: Input
         let kind: MeteringSchema.Kind
         let required: Bool
@@ -17,6 +18,20 @@ final class DecodingPlan: Sendable {
         let problemName: String
         /// An earlier label with the same source and treatment, whose value this one reuses.
         let sameAs: Int?
+
+        init(
+            input: Input, kind: MeteringSchema.Kind, required: Bool, defaultValue: String, hasher: LabelHasher?, rank: Int,
+            problemName: String, sameAs: Int?
+        ) {
+            self.input = input
+            self.kind = kind
+            self.required = required
+            self.defaultValue = defaultValue
+            self.hasher = hasher
+            self.rank = rank
+            self.problemName = problemName
+            self.sameAs = sameAs
+        }
 
         func isPresent(_ fields: ScannedFields, _ headers: [String?]) -> Bool {
             switch self.input {

@@ -1,8 +1,9 @@
 /// Path templates such as `/v1/models/{model}`: a path that matches one is counted under the
 /// template, so ids in paths collapse to one value and known routes never spend a label budget.
 ///
-/// Matching walks a tree of segments: a literal segment is a dictionary lookup, a `{name}`
-/// segment matches any one segment, and literals win over parameters. Empty segments (a doubled
+/// Matching walks a tree of segments: a literal segment is compared by bytes with the few
+/// literals at that depth (lengths first), a `{name}` segment matches any one segment, and
+/// literals win over parameters. Empty segments (a doubled
 /// or trailing slash) are ignored, so `/v1/models/` matches `/v1/models`.
 public struct RouteTemplates: Sendable {
     /// OpenAI- and Anthropic-compatible APIs, and the extra routes vLLM serves beside them.
@@ -28,12 +29,13 @@ public struct RouteTemplates: Sendable {
     ]
 
     private final class Node: Sendable {
-        let literals: [Substring: Node]
+        /// Few per node (about 20 under `/v1`), so a scan by bytes beats hashing the segment.
+        let literals: [(name: [UInt8], node: Node)]
         let parameter: Node?
         /// The template a path ending here is counted under.
         let template: String?
 
-        init(literals: [Substring: Node], parameter: Node?, template: String?) {
+        init(literals: [(name: [UInt8], node: Node)], parameter: Node?, template: String?) {
             self.literals = literals
             self.parameter = parameter
             self.template = template
@@ -49,23 +51,29 @@ public struct RouteTemplates: Sendable {
         self.root = Self.build(self.templates.map { ($0, Self.segments($0)[...]) })
     }
 
-    /// The template `path` matches, or nil. Walks the path's segments in place: no allocation.
+    /// The template `path` matches, or nil. Walks the path's bytes in place: no allocation.
     public func match(_ path: String) -> String? {
-        Self.match(path[...], self.root, depth: 0)
+        var path = path
+        return path.withUTF8 { Self.match($0, from: 0, self.root, depth: 0) }
     }
 
     /// Paths deeper than this cannot match any sensible template; a hostile one stops early.
     static let maximumDepth = 16
 
-    private static func match(_ path: Substring, _ node: Node, depth: Int) -> String? {
+    private static func match(_ path: UnsafeBufferPointer<UInt8>, from: Int, _ node: Node, depth: Int) -> String? {
         let slash = UInt8(ascii: "/")
-        guard let start = path.utf8.firstIndex(where: { $0 != slash }) else { return node.template }
+        var start = from
+        while start < path.count, path[start] == slash { start += 1 }
+        guard start < path.count else { return node.template }
         guard depth < Self.maximumDepth else { return nil }
-        let rest = path[start...]
-        let end = rest.utf8.firstIndex(of: slash) ?? rest.endIndex
-        let after = rest[end...]
-        if let literal = node.literals[rest[..<end]], let found = match(after, literal, depth: depth + 1) { return found }
-        if let parameter = node.parameter { return match(after, parameter, depth: depth + 1) }
+        var end = start
+        while end < path.count, path[end] != slash { end += 1 }
+        let segment = UnsafeBufferPointer(rebasing: path[start..<end])
+        for (name, literal) in node.literals where name.count == segment.count && name.elementsEqual(segment) {
+            if let found = match(path, from: end, literal, depth: depth + 1) { return found }
+            break
+        }
+        if let parameter = node.parameter { return match(path, from: end, parameter, depth: depth + 1) }
         return nil
     }
 
@@ -95,7 +103,7 @@ public struct RouteTemplates: Sendable {
             }
         }
         return Node(
-            literals: literal.mapValues { build($0) },
+            literals: literal.sorted { $0.key < $1.key }.map { (Array($0.key.utf8), build($0.value)) },
             parameter: parameter.isEmpty ? nil : build(parameter),
             template: here
         )
