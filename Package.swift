@@ -13,12 +13,18 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
     ],
     targets: [
         // zlib's deflate behind one C function, so gzip needs no extra package.
         .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
         // Parsing, validation, counting, exposition: no HTTP and no networking in here.
-        .target(name: "UsageTrackingCore", dependencies: ["CZlib"]),
+        // Yams reads the metering config; Crypto's HMAC hashes labels marked `hash: hmac-sha256`.
+        .target(
+            name: "UsageTrackingCore",
+            dependencies: ["CZlib", .product(name: "Yams", package: "Yams"), .product(name: "Crypto", package: "swift-crypto")]
+        ),
         // The SwiftNIO HTTP/1 server on top of the core.
         .target(
             name: "UsageTrackingServer",

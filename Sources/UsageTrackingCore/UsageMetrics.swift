@@ -4,12 +4,12 @@ import Synchronization
 public final class UsageMetrics: Sendable {
     public static let version = "0.1.0"
 
-    /// The usage being accounted: one series per user, groups and path.
-    public let requests = CounterFamily(
-        name: "llm_requests_total",
-        help: "Successful LLM requests labelled by user, group and path.",
-        labelNames: ["user", "groups", "path"]
-    )
+    /// The usage being accounted, one family per metric of the schema, in its order.
+    public let families: [CounterFamily]
+    public let schema: MeteringSchema
+
+    /// The first family: `llm_requests_total{user,groups,path}` under the built-in schema.
+    public var requests: CounterFamily { self.families[0] }
 
     /// What happened to each callback, indexed like `CallbackOutcome.allCases`. A fixed set, so
     /// plain atomics: recording an outcome costs no lock, hash or allocation.
@@ -24,13 +24,38 @@ public final class UsageMetrics: Sendable {
     private let durations: [DurationHistogram] = UsageMetrics.routes.map { _ in DurationHistogram() }
 
     /// Families whose series count is reported in `usage_tracking_series`.
-    public var countedFamilies: [CounterFamily] { [self.requests] }
+    public var countedFamilies: [CounterFamily] { self.families }
 
     /// Log lines dropped because the log reader fell behind; the log writer lives in the server.
     private let droppedLogLines: @Sendable () -> UInt64
 
-    public init(droppedLogLines: @escaping @Sendable () -> UInt64 = { 0 }) {
+    /// `newSeriesHoldNanoseconds`: see `CounterFamily` (Hold); `clock` is for tests.
+    public init(
+        schema: MeteringSchema = .default, newSeriesHoldNanoseconds: UInt64 = 0,
+        clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds,
+        droppedLogLines: @escaping @Sendable () -> UInt64 = { 0 }
+    ) {
+        self.schema = schema
+        let templates = RouteTemplates(RouteTemplates.builtIn + schema.routes).templates
+        self.families = schema.metrics.map { metric in
+            CounterFamily(
+                name: metric.name, help: metric.help, labelNames: metric.labels.map(\.name),
+                maxSeries: metric.maxSeries, maxValues: metric.labels.map(\.maxValues),
+                // Known routes never spend a budget, so a scanner cannot push real traffic out.
+                freeValues: metric.labels.map { $0.kind == .route ? templates : [] },
+                newSeriesHoldNanoseconds: newSeriesHoldNanoseconds, clock: clock
+            )
+        }
         self.droppedLogLines = droppedLogLines
+    }
+
+    /// Counts an accepted callback in every family (a family whose value field was absent skips
+    /// it). The callback is fully validated before this, so either all families count it or,
+    /// when it was refused, none does.
+    public func count(_ callback: Callback) {
+        for (index, family) in self.families.enumerated() {
+            if let amount = callback.amount(forFamily: index) { family.increment(callback.series[index], by: amount) }
+        }
     }
 
     public func record(_ outcome: CallbackOutcome) {
@@ -51,9 +76,9 @@ public final class UsageMetrics: Sendable {
     }
 
     public func render() -> [UInt8] {
-        let usage = self.requests.snapshot()
-        var writer = ExpositionWriter(capacity: 4096 + usage.count * 96)
-        Self.write(self.requests, usage, to: &writer)
+        let usage = self.families.map { $0.snapshot() }
+        var writer = ExpositionWriter(capacity: 4096 + usage.reduce(0) { $0 + $1.count } * 96)
+        for (family, series) in zip(self.families, usage) { Self.write(family, series, to: &writer) }
         let callbacks = "usage_tracking_callbacks_total"
         writer.family(callbacks, help: "Callbacks received on /track, by outcome: accepted, or the reason they were not counted.", type: .counter)
         for (outcome, count) in self.outcomeCounts {
@@ -68,6 +93,36 @@ public final class UsageMetrics: Sendable {
         writer.family("usage_tracking_series", help: "Series currently held, by metric.", type: .gauge)
         for family in self.countedFamilies {
             writer.sample("usage_tracking_series", labels: ["metric"], values: [family.name], value: UInt64(family.seriesCount))
+        }
+
+        writer.family("usage_tracking_series_limit", help: "Series a metric may create before new ones are counted in its all-__other__ series.", type: .gauge)
+        for family in self.families {
+            writer.sample("usage_tracking_series_limit", labels: ["metric"], values: [family.name], value: UInt64(family.maxSeries))
+        }
+        let budgets = self.families.map { $0.budgetUse() }
+        let overflow = "usage_tracking_label_overflow_total"
+        writer.family(overflow, help: "Callbacks counted under __other__ on a label because its value budget was spent.", type: .counter)
+        for (family, use) in zip(self.families, budgets) {
+            for (index, label) in family.labelNames.enumerated() where family.maxValues[index] < .max {
+                writer.sample(overflow, labels: ["metric", "label"], values: [family.name, label], value: use.labelOverflows[index])
+            }
+        }
+        let seriesOverflow = "usage_tracking_series_overflow_total"
+        writer.family(seriesOverflow, help: "Callbacks counted in the all-__other__ series because the metric's series budget was spent.", type: .counter)
+        for (family, use) in zip(self.families, budgets) {
+            writer.sample(seriesOverflow, labels: ["metric"], values: [family.name], value: use.seriesOverflows)
+        }
+        writer.family("usage_tracking_label_values", help: "Distinct values held per label, known routes excepted.", type: .gauge)
+        for (family, use) in zip(self.families, budgets) {
+            for (index, label) in family.labelNames.enumerated() where family.maxValues[index] < .max {
+                writer.sample("usage_tracking_label_values", labels: ["metric", "label"], values: [family.name, label], value: UInt64(use.values[index]))
+            }
+        }
+        writer.family("usage_tracking_label_values_limit", help: "Distinct values a label may hold before new ones are counted as __other__.", type: .gauge)
+        for family in self.families {
+            for (index, label) in family.labelNames.enumerated() where family.maxValues[index] < .max {
+                writer.sample("usage_tracking_label_values_limit", labels: ["metric", "label"], values: [family.name, label], value: UInt64(family.maxValues[index]))
+            }
         }
 
         writer.family("usage_tracking_log_dropped_total", help: "Log lines dropped because standard output was not read fast enough.", type: .counter)

@@ -1,4 +1,5 @@
 import NIOCore
+import UsageTrackingCore
 
 /// Everything the server needs to run; `main` builds one from flags and environment, tests build
 /// one directly, and both hand it to `UsageTrackingServer.start`.
@@ -35,6 +36,15 @@ public struct ServerConfiguration: Sendable {
     public var secretReloadInterval: Duration = .seconds(2)
     /// Serve `/debug` and keep the recent-callback lists it shows.
     public var debugEnabled = true
+    /// What is counted: families, labels, budgets (`--config`; the built-in schema by default).
+    public var schema: MeteringSchema = .default
+    /// Where `schema` was read from, for the debug view; nil for the built-in one.
+    public var schemaFile: String? = nil
+    /// The key for labels marked `hash: hmac-sha256`; required when any is.
+    public var labelHMACKey: [UInt8]? = nil
+    public var labelHMACKeyFile: String? = nil
+    /// A new series is exposed as 0 until it is this old, so `increase()` sees its first count.
+    public var newSeriesHold: TimeAmount = .zero
     /// Event loop threads; the default is one per core.
     public var eventLoopThreads = System.coreCount
 

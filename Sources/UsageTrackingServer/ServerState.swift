@@ -28,6 +28,8 @@ final class ServerState: Sendable {
     /// Set at SIGTERM, before the drain: from then on every connection closes after its last reply.
     let stopping = Atomic<Bool>(false)
     let runOffLoop: OffLoopRunner
+    /// For labels configured with `hash: hmac-sha256`; the status page looks users up through it.
+    let labelHasher: LabelHasher?
 
     init(
         configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets,
@@ -38,7 +40,8 @@ final class ServerState: Sendable {
         self.logger = logger
         self.metrics = metrics
         self.secrets = secrets
-        self.decoder = CallbackDecoder(maximumValueBytes: configuration.maxLabelBytes)
+        self.labelHasher = configuration.labelHMACKey.map { LabelHasher(key: $0) }
+        self.decoder = CallbackDecoder(schema: metrics.schema, maximumValueBytes: configuration.maxLabelBytes, hasher: self.labelHasher)
         self.recent = configuration.debugEnabled ? RecentCallbacks(capacity: 100) : nil
         self.status = configuration.debugEnabled ? StatusTracking() : nil
     }

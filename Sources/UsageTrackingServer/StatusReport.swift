@@ -112,7 +112,10 @@ struct StatusReport {
         var userView: UserView? = nil
         // A name longer than any label value cannot match; it is still shown, cut short.
         let user = user.map { $0.utf8.count > config.maxLabelBytes ? $0.truncated(toUTF8Bytes: ClientText.echoedBytes) : $0 }
-        if let user, let userLabel = family.labelNames.firstIndex(of: "user") {
+        if let name = user, let userLabel = family.labelNames.firstIndex(of: "user") {
+            // With a hashed `user` label the series hold the name's hash, so look that up.
+            let hashed = state.metrics.schema.metrics.first?.labels[userLabel].hash != nil
+            let user = hashed ? state.labelHasher.map { $0.hash(name) } ?? name : name
             // Compared under each stripe's lock, copied only when it matches: the scan of 1M
             // series holds no lock for longer than one stripe's comparisons.
             var series = family.series { $0[userLabel].hasSameBytes(as: user) }
@@ -135,6 +138,8 @@ struct StatusReport {
                 ("max_label_bytes", .integer(Int64(config.maxLabelBytes))),
                 ("max_header_bytes", .integer(Int64(config.maxHeaderBytes))),
                 ("idle_timeout_seconds", .integer(config.idleTimeout.nanoseconds / 1_000_000_000)),
+                ("request_timeout_seconds", .integer(config.requestTimeout.nanoseconds / 1_000_000_000)),
+                ("max_connections", .integer(Int64(config.maxConnections))),
                 ("drain_delay_seconds", .integer(config.drainDelay.nanoseconds / 1_000_000_000)),
                 ("shutdown_timeout_seconds", .integer(config.shutdownTimeout.nanoseconds / 1_000_000_000)),
                 ("event_loop_threads", .integer(Int64(config.eventLoopThreads))),
@@ -143,6 +148,11 @@ struct StatusReport {
                 ("callback_secret_file", config.callbackSecretFile.map(JSONText.string) ?? .null),
                 ("callback_secrets_loaded", .integer(Int64(state.secrets.count))),
                 ("authentication", .string(state.secrets.isRequired ? "required" : "off")),
+                ("config_file", config.schemaFile.map(JSONText.string) ?? .null),
+                ("metrics", .array(state.metrics.families.map { JSONText.string($0.name) })),
+                ("new_series_hold_seconds", .integer(config.newSeriesHold.nanoseconds / 1_000_000_000)),
+                ("label_hmac_key", .string(config.labelHMACKey == nil ? "unset" : "set")),
+                ("label_hmac_key_file", config.labelHMACKeyFile.map(JSONText.string) ?? .null),
             ],
             labelNames: family.labelNames,
             series: state.metrics.countedFamilies.map { ($0.name, $0.seriesCount) },

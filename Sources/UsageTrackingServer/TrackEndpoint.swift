@@ -59,12 +59,14 @@ enum TrackEndpoint {
     /// `sender` is the peer's address, shown in the status page.
     static func handle(_ head: HTTPRequestHead, body: ByteBuffer?, sender: String? = nil, state: ServerState) -> CallbackRejection? {
         let contentType = head.headers.first(name: "content-type")
+        // Headers the schema takes labels from (none in the built-in schema: no allocation).
+        let headers = state.decoder.headerNames.map { head.headers.first(name: $0) }
         let decoded = (body ?? ByteBuffer()).withUnsafeReadableBytes { bytes in
-            Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType) }
+            Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType, headers: headers) }
         }
         switch decoded {
         case .success(let callback):
-            state.metrics.requests.increment([callback.user, callback.groups, callback.path])
+            state.metrics.count(callback)
             state.metrics.record(.accepted)
             state.status?.rates.record(.accepted)
             let requestID = Self.requestID(head)

@@ -51,10 +51,17 @@ public final class UsageTrackingServer: Sendable {
         configuration: ServerConfiguration, logger: Logger
     ) async throws -> UsageTrackingServer {
         let secrets = try CallbackSecrets(value: configuration.callbackSecret, filePath: configuration.callbackSecretFile)
+        if configuration.schema.needsHMACKey, configuration.labelHMACKey?.isEmpty ?? true {
+            throw ConfigurationError.missingHMACKey
+        }
+        let metrics = UsageMetrics(
+            schema: configuration.schema, newSeriesHoldNanoseconds: UInt64(max(0, configuration.newSeriesHold.nanoseconds)),
+            droppedLogLines: { LogLineWriter.standardOutput.dropped }
+        )
         let renderPool = NIOThreadPool(numberOfThreads: 1)
         renderPool.start()
         let state = ServerState(
-            configuration: configuration, logger: logger, metrics: UsageMetrics(droppedLogLines: { LogLineWriter.standardOutput.dropped }), secrets: secrets,
+            configuration: configuration, logger: logger, metrics: metrics, secrets: secrets,
             runOffLoop: { eventLoop, work in renderPool.runIfActive(eventLoop: eventLoop, work) }
         )
         Self.logAuthentication(state)
@@ -233,6 +240,17 @@ private final class OpenConnections: Sendable {
     }
 
     var all: [Channel] { self.channels.withLock { Array($0.values) } }
+}
+
+/// A configuration the server cannot run with.
+public enum ConfigurationError: Error, CustomStringConvertible {
+    case missingHMACKey
+
+    public var description: String {
+        switch self {
+        case .missingHMACKey: "a label is hashed (hash: hmac-sha256) but no key was given (--label-hmac-key-file, USAGE_TRACKING_LABEL_HMAC_KEY_FILE)"
+        }
+    }
 }
 
 /// glibc's `malloc_trim`, which Swift's Glibc module does not export (it lives in malloc.h).

@@ -68,10 +68,26 @@ struct UsageTracking: AsyncParsableCommand {
     @Flag(help: "Turn off GET /debug, the status page GET / and what they record. (env: USAGE_TRACKING_NO_DEBUG=true)")
     var noDebug = false
 
+    @Option(help: "Metering config (YAML): the metrics, their labels and budgets; see --print-config. (env: USAGE_TRACKING_CONFIG; default: the built-in llm_requests_total{user,groups,path})")
+    var config: String?
+
+    @Flag(help: "Print the effective metering config as YAML (the built-in one, or --config's) and exit.")
+    var printConfig = false
+
+    @Option(help: "File holding the key for labels with 'hash: hmac-sha256' (a trailing newline is ignored). (env: USAGE_TRACKING_LABEL_HMAC_KEY_FILE; default: none)")
+    var labelHmacKeyFile: String?
+
+    @Option(parsing: .unconditional, help: "Seconds a new series is exposed as 0 before its count, 0 to 3600, so increase() sees its first requests; twice the scrape interval. (env: USAGE_TRACKING_NEW_SERIES_HOLD; default: 0)")
+    var newSeriesHold: Int?
+
     func run() async throws {
         // Logs go to a pipe that may close; a write to it must fail, not kill the process.
         Glibc.signal(SIGPIPE, SIG_IGN)
         defer { LogLineWriter.standardOutput.flush(timeout: .seconds(2)) }
+        if self.printConfig {
+            print(try self.schema(Environment()).schema.yaml, terminator: "")
+            return
+        }
         // Caught from the start: one arriving while the server starts waits for it, and never
         // takes a signal's default action (which for most of them ends the process).
         let signals = SignalEvents()
@@ -124,19 +140,37 @@ struct UsageTracking: AsyncParsableCommand {
         // Set but blank is passed on (and refused at startup), never read as "no secret".
         config.callbackSecret = env.raw("USAGE_TRACKING_CALLBACK_SECRET")
         config.callbackSecretHeader = self.callbackSecretHeader ?? env.string("USAGE_TRACKING_CALLBACK_SECRET_HEADER") ?? config.callbackSecretHeader
-        guard !config.callbackSecretHeader.isEmpty, config.callbackSecretHeader.utf8.allSatisfy(Self.isHeaderNameByte) else {
+        guard !config.callbackSecretHeader.isEmpty, config.callbackSecretHeader.utf8.allSatisfy(isHeaderNameByte) else {
             throw ValidationError("--callback-secret-header (USAGE_TRACKING_CALLBACK_SECRET_HEADER) must be a header name, got '\(config.callbackSecretHeader)'")
         }
         config.debugEnabled = !(try self.noDebug || env.boolean("USAGE_TRACKING_NO_DEBUG"))
+        config.newSeriesHold = try seconds(self.newSeriesHold, "new-series-hold", "USAGE_TRACKING_NEW_SERIES_HOLD", 0...3600) ?? config.newSeriesHold
+        (config.schema, config.schemaFile) = try self.schema(env)
+        config.labelHMACKeyFile = self.labelHmacKeyFile ?? env.string("USAGE_TRACKING_LABEL_HMAC_KEY_FILE")
+        if let path = config.labelHMACKeyFile {
+            let flag = "--label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE)"
+            switch readFileBytes(path, limit: 4096) {
+            case .failure(let error): throw ValidationError("\(flag): cannot read \(path): \(error)")
+            case .success(let bytes):
+                let key = LabelHasher.key(fromFile: bytes)
+                guard !key.isEmpty else { throw ValidationError("\(flag): \(path) is empty; a hashed label needs a key") }
+                guard key.count <= 4096 else { throw ValidationError("\(flag): \(path) is over 4096 bytes") }
+                config.labelHMACKey = key
+            }
+        }
+        if config.schema.needsHMACKey, config.labelHMACKey == nil {
+            throw ValidationError("\(config.schemaFile ?? "the config"): a label has 'hash: hmac-sha256' but --label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE) is not set")
+        }
         return config
     }
 
-    private static func isHeaderNameByte(_ byte: UInt8) -> Bool {
-        switch byte {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"):
-            true
-        // The other characters HTTP allows in a header name (RFC 9110 "tchar").
-        default: "!#$%&'*+-.^_`|~".utf8.contains(byte)
+    /// The schema from --config, or the built-in one; a bad file stops here with its line and key.
+    private func schema(_ env: Environment) throws -> (schema: MeteringSchema, file: String?) {
+        guard let path = self.config ?? env.string("USAGE_TRACKING_CONFIG") else { return (.default, nil) }
+        do {
+            return (try MeteringSchema.load(file: path), path)
+        } catch {
+            throw ValidationError("--config (USAGE_TRACKING_CONFIG): \(error)")
         }
     }
 

@@ -20,12 +20,16 @@ import Testing
             ("--shutdown-timeout", "USAGE_TRACKING_SHUTDOWN_TIMEOUT", "20"),
             ("--drain-delay", "USAGE_TRACKING_DRAIN_DELAY", "0"),
             ("--event-loop-threads", "USAGE_TRACKING_EVENT_LOOP_THREADS", "one per core"),
+            ("--config", "USAGE_TRACKING_CONFIG", "the built-in llm_requests_total{user,groups,path}"),
+            ("--label-hmac-key-file", "USAGE_TRACKING_LABEL_HMAC_KEY_FILE", "none"),
+            ("--new-series-hold", "USAGE_TRACKING_NEW_SERIES_HOLD", "0"),
         ]
         let flat = help.output.split(whereSeparator: \.isWhitespace).joined(separator: " ")
         for (flag, variable, value) in documented {
             #expect(flat.contains("\(flag) <"), "\(flag) missing from --help")
             #expect(flat.contains("(env: \(variable); default: \(value))"), "\(flag) help lacks env/default")
         }
+        #expect(flat.contains("--print-config"))
         #expect(flat.contains("--no-debug"))
         #expect(flat.contains("USAGE_TRACKING_NO_DEBUG=true"))
         #expect(flat.contains("USAGE_TRACKING_CALLBACK_SECRET sets one callback secret"))
@@ -41,6 +45,53 @@ import Testing
         let secret = try RunningProcess(try builtBinary(), ["--port", "0", "--callback-secret-file", "/nonexistent/secret"])
         #expect(secret.waitForExit() == 1)
         #expect(secret.lines.joined().contains("cannot read callback secret file /nonexistent/secret: No such file or directory"))
+    }
+
+    @Test func printConfigPrintsTheBuiltInSchemaAndReadsItsOwnOutputBack() throws {
+        let printed = try run(try builtBinary(), ["--print-config"])
+        #expect(printed.status == 0)
+        #expect(printed.output.contains("  - name: \"llm_requests_total\"\n"))
+        let path = NSTemporaryDirectory() + "usage-tracking-print-\(UUID().uuidString).yaml"
+        try printed.output.write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let again = try run(try builtBinary(), ["--config", path, "--print-config"])
+        #expect(again.status == 0)
+        #expect(again.output == printed.output)
+    }
+
+    @Test func badConfigStopsStartupNamingFileLineAndKey() throws {
+        let path = NSTemporaryDirectory() + "usage-tracking-bad-\(UUID().uuidString).yaml"
+        try "metrics:\n  - name: a_total\n    labels:\n      - {name: u, from: u, max_values: 0}\n".write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let bad = try RunningProcess(try builtBinary(), ["--port", "0"], environment: ["USAGE_TRACKING_CONFIG": path])
+        #expect(bad.waitForExit() == 64)
+        #expect(bad.lines.joined().contains("--config (USAGE_TRACKING_CONFIG): \(path):4: metrics[0].labels[0].max_values: must be from 1 to 10000000, got 0"))
+        let missing = try RunningProcess(try builtBinary(), ["--port", "0", "--config", "/nonexistent/c.yaml"])
+        #expect(missing.waitForExit() == 64)
+        #expect(missing.lines.joined().contains("--config (USAGE_TRACKING_CONFIG): /nonexistent/c.yaml: cannot be read: No such file or directory"))
+        let hold = try RunningProcess(try builtBinary(), ["--port", "0", "--new-series-hold", "3601"])
+        #expect(hold.waitForExit() == 64)
+        #expect(hold.lines.joined().contains("--new-series-hold (USAGE_TRACKING_NEW_SERIES_HOLD) must be from 0 to 3600, got 3601"))
+    }
+
+    @Test func aHashedLabelNeedsAKey() throws {
+        let path = NSTemporaryDirectory() + "usage-tracking-hash-\(UUID().uuidString).yaml"
+        try "metrics:\n  - name: a_total\n    labels:\n      - {name: u, from: u, hash: hmac-sha256}\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let emptyKey = path + ".key"
+        try "\n".write(toFile: emptyKey, atomically: true, encoding: .utf8)
+        defer {
+            try? FileManager.default.removeItem(atPath: path)
+            try? FileManager.default.removeItem(atPath: emptyKey)
+        }
+        let none = try RunningProcess(try builtBinary(), ["--port", "0", "--config", path])
+        #expect(none.waitForExit() == 64)
+        #expect(none.lines.joined().contains("\(path): a label has 'hash: hmac-sha256' but --label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE) is not set"))
+        let empty = try RunningProcess(try builtBinary(), ["--port", "0", "--config", path], environment: ["USAGE_TRACKING_LABEL_HMAC_KEY_FILE": emptyKey])
+        #expect(empty.waitForExit() == 64)
+        #expect(empty.lines.joined().contains("--label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE): \(emptyKey) is empty; a hashed label needs a key"))
+        let missing = try RunningProcess(try builtBinary(), ["--port", "0", "--config", path, "--label-hmac-key-file", "/nonexistent/key"])
+        #expect(missing.waitForExit() == 64)
+        #expect(missing.lines.joined().contains("--label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE): cannot read /nonexistent/key: No such file or directory"))
     }
 
     /// Each limit and switch reaches the server, by flag or by its environment variable.

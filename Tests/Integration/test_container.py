@@ -85,6 +85,12 @@ def contained():
     os.chmod(secret, 0o644)
     assert os.path.basename(config["USAGE_TRACKING_CALLBACK_SECRET_FILE"]) == "secret"
     config["USAGE_TRACKING_CALLBACK_SECRET_FILE"] = secret
+    # The metering config as the ConfigMap volume mounts it; envFrom skips its key.
+    metering = os.path.join(mounted, "config.yaml")
+    with open(metering, "w") as f:
+        f.write(config.pop("config.yaml"))
+    os.chmod(metering, 0o644)
+    config["USAGE_TRACKING_CONFIG"] = metering
     try:
         service = Service(binary=STATIC, wrapper=sandbox(), env={"PATH": "/usr/bin:/bin", **config})
         yield service, config
@@ -111,7 +117,9 @@ def test_static_binary_serves_as_the_deployment_runs_it(contained):
     status, _, metrics = request(service.port, "GET", "/metrics")
     assert status == 200
     text = metrics.decode()
-    assert 'llm_requests_total{user="alice",groups="premium",path="/v1/completions"} 1\n' in text
+    # The ConfigMap's new-series hold (30 s) shows a new series as 0 first, so increase() sees it.
+    assert int(config["USAGE_TRACKING_NEW_SERIES_HOLD"]) == 30
+    assert 'llm_requests_total{user="alice",groups="premium",path="/v1/completions"} 0\n' in text
     assert 'usage_tracking_callbacks_total{outcome="unauthorized"} 2\n' in text
     log = "".join(service.lines)
     assert '"level":"warning"' not in log and '"level":"error"' not in log, log

@@ -43,9 +43,10 @@ def test_base_holds_no_credentials():
     assert "USAGE_TRACKING_CALLBACK_SECRET" not in config
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert [c.get("env", []) for c in pod["containers"]] == [[]]
-    assert [v["secret"]["secretName"] for v in pod["volumes"]] == [CALLBACK_SECRET]
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v] == [CALLBACK_SECRET]
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert mounts == {"callback-secret": os.path.dirname(config["USAGE_TRACKING_CALLBACK_SECRET_FILE"])}
+    assert mounts == {"callback-secret": os.path.dirname(config["USAGE_TRACKING_CALLBACK_SECRET_FILE"]),
+                      "config": os.path.dirname(config["USAGE_TRACKING_CONFIG"])}
     # No text that looks like a placeholder credential either (the old base had two).
     text = subprocess.run([need("kubectl"), "kustomize", DEPLOY], capture_output=True, text=True, check=True).stdout
     assert not re.search(r"stringData|api_key|CHANGE-ME-to|EXAMPLE-ONLY", text)
@@ -85,8 +86,9 @@ def test_base_works_under_namespace_and_name_prefix_overlays(tmp_path, fields, n
     assert "namespaceSelector" not in monitor["spec"]
     assert matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
-    # The operator's Secret keeps its documented name in every overlay.
-    assert [v["secret"]["secretName"] for v in pod["spec"]["volumes"]] == [CALLBACK_SECRET]
+    # The operator's Secret keeps its documented name in every overlay; the config follows the ConfigMap.
+    assert [v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v] == [CALLBACK_SECRET]
+    assert [v["configMap"]["name"] for v in pod["spec"]["volumes"] if "configMap" in v] == [configmap["metadata"]["name"]]
 
 
 def job_selectors():
@@ -118,6 +120,42 @@ def test_release_label_is_one_uncomment_away(filename):
     uncommented = re.sub(r"^ *# release: .*$", indent + line, text, flags=re.M)
     labels = yaml.safe_load(uncommented)["metadata"]["labels"]
     assert labels == {"app": "usage-tracking", "release": "kube-prometheus-stack"}
+
+
+def test_config_is_a_mounted_file_the_binary_accepts_and_the_hold_is_two_scrape_intervals(tmp_path):
+    objects = kustomize_objects()
+    config = one(objects, "ConfigMap")["data"]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if "configMap" in v)
+    assert volume["configMap"]["items"] == [{"key": "config.yaml", "path": os.path.basename(config["USAGE_TRACKING_CONFIG"])}]
+    interval = one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["interval"]
+    assert int(config["USAGE_TRACKING_NEW_SERIES_HOLD"]) == 2 * int(interval.rstrip("s"))
+    path = tmp_path / "config.yaml"
+    path.write_text(config["config.yaml"])
+    binary = os.path.join(ROOT, ".build", "debug", "usage-tracking")
+    printed = subprocess.run([binary, "--config", str(path), "--print-config"], capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr
+    builtin = subprocess.run([binary, "--print-config"], capture_output=True, text=True, check=True).stdout
+    assert printed.stdout == builtin, "the ConfigMap's config is the built-in one, spelt out to edit"
+
+
+def test_metering_example_config_is_valid_and_its_callback_sends_every_field_it_reads():
+    example = os.path.join(DEPLOY, "examples", "metering")
+    binary = os.path.join(ROOT, ".build", "debug", "usage-tracking")
+    printed = subprocess.run([binary, "--config", os.path.join(example, "config.yaml"), "--print-config"],
+                             capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr
+    schema = yaml.safe_load(printed.stdout)
+    labels = {label["name"]: label for metric in schema["metrics"] for label in metric["labels"]}
+    assert {"tier", "auth_mode", "auth_id"} <= set(labels)
+    with open(os.path.join(example, "authpolicy.yaml")) as f:
+        policy = yaml.safe_load(f)
+    body = policy["spec"]["rules"]["callbacks"]["usage-tracking"]["http"]["body"]["expression"]
+    sent = set(re.findall(r'^\s*"([\w.]+)":', body, re.MULTILINE))
+    read = {label["from"] for label in labels.values() if "from" in label}
+    assert read <= sent, f"the config reads fields the callback does not send: {read - sent}"
+    for name in ("tier", "auth_mode", "auth_id"):
+        assert f'"{labels[name]["from"]}": auth.identity.metadata.annotations[' in body
 
 
 def test_drain_delay_covers_a_scrape_and_the_grace_period_covers_both():
@@ -219,7 +257,7 @@ def rules_directory():
 
 
 @pytest.mark.parametrize("arguments,expected", [
-    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 11 rules found"),
+    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 13 rules found"),
     (["test", "rules", "prometheusrule-test.yaml"], "SUCCESS"),
 ])
 def test_promtool_on_the_rules(arguments, expected):
@@ -242,7 +280,7 @@ def test_every_alert_is_tested_firing_and_not_firing():
     firing = {case["alertname"] for case in cases if case["exp_alerts"]}
     silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
     names = {r["alert"] for r in alerts()}
-    assert len(names) == 8 and "UsageTrackingCallbacksStopped" in names
+    assert len(names) == 10 and "UsageTrackingCallbacksStopped" in names
     assert firing == silent == names
 
 
@@ -390,7 +428,19 @@ def test_dashboard_variables_find_their_values(fed_prometheus):
         found[variable["name"]] = {s["metric"].get(match.group(2)) for s in result}
     assert found["namespace"] == {None}  # no namespace label outside Kubernetes; the query still runs
     assert found["group"] == {"free", "premium"}
-    assert found["user"] == {"user0", "user1", "user2", "user3"}
+    # Users are filtered by a regex: a list of every user would be as long as the user budget.
+    user = next(v for v in board["templating"]["list"] if v["name"] == "user")
+    assert user["type"] == "textbox" and "user" not in found
+    status, result = fed_prometheus.query(substitute('count(count by (user) (llm_requests_total{user=~"$user"}))'))
+    assert status == "success" and result[0]["value"][1] == "4"
+
+
+def test_in_range_panels_show_whole_requests():
+    board = dict(dashboards())["llm-usage.json"]
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            if "increase(" in target["expr"] and not target["expr"].startswith("count("):
+                assert "round(increase(" in target["expr"], panel["title"]
 
 
 def test_containerfile_agrees_with_the_package_and_the_deployment():

@@ -41,7 +41,9 @@ import Testing
         #expect(
             types == [
                 "llm_requests_total", "usage_tracking_callbacks_total", "usage_tracking_http_request_duration_seconds",
-                "usage_tracking_series", "usage_tracking_log_dropped_total", "usage_tracking_build_info", "process_cpu_seconds_total", "process_max_fds",
+                "usage_tracking_series", "usage_tracking_series_limit", "usage_tracking_label_overflow_total",
+                "usage_tracking_series_overflow_total", "usage_tracking_label_values", "usage_tracking_label_values_limit",
+                "usage_tracking_log_dropped_total", "usage_tracking_build_info", "process_cpu_seconds_total", "process_max_fds",
                 "process_open_fds", "process_resident_memory_bytes", "process_start_time_seconds", "process_virtual_memory_bytes",
             ])
         #expect(

@@ -32,7 +32,7 @@ final class PipelineHarness {
         }
         let secrets = try CallbackSecrets(value: configuration.callbackSecret, filePath: configuration.callbackSecretFile)
         self.state = ServerState(
-            configuration: configuration, logger: logger, metrics: UsageMetrics(), secrets: secrets, runOffLoop: runOffLoop
+            configuration: configuration, logger: logger, metrics: UsageMetrics(schema: configuration.schema), secrets: secrets, runOffLoop: runOffLoop
         )
         self.state.ready.store(ready, ordering: .relaxed)
         try UsageTrackingServer.configurePipeline(self.channel, state: self.state)

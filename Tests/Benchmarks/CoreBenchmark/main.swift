@@ -31,7 +31,7 @@ if only == nil || only == "track" {
     let ours = measure("decode + validate + increment (CallbackDecoder)", operations: iterations) {
         for i in 0..<iterations {
             let callback = try! decoder.decode(bodies[i % 100], contentType: "application/json")
-            metrics.requests.increment([callback.user, callback.groups, callback.path])
+            metrics.count(callback)
         }
     }
     if only == nil {

@@ -5,8 +5,8 @@ enum FormScanner {
         var message: String
     }
 
-    static func scan(_ bytes: UnsafeRawBufferPointer) throws(SyntaxError) -> CallbackFields {
-        var fields = CallbackFields(repeatedGroupsAreLists: true)
+    /// Fields are matched by their full (possibly dotted) names against the flat `table`.
+    static func scan(_ bytes: UnsafeRawBufferPointer, table: FieldTable, into fields: inout ScannedFields) throws(SyntaxError) {
         var start = 0
         while start <= bytes.count {
             var end = start
@@ -15,7 +15,7 @@ enum FormScanner {
             if !pair.isEmpty {
                 let equals = pair.firstIndex(of: UInt8(ascii: "=")) ?? pair.count
                 let name = try decode(pair[0..<equals], at: start)
-                if let field = CallbackFields.Field(name) {
+                if let index = table.find(name), let field = table.entries[index].field {
                     let value = equals < pair.count ? try decode(pair[(equals + 1)...], at: start + equals + 1) : []
                     fields.add(field, .text(String(validating: value, as: UTF8.self)))
                 } else {
@@ -25,7 +25,6 @@ enum FormScanner {
             start = end + 1
         }
         guard !fields.isEmpty else { throw SyntaxError(message: "body is empty") }
-        return fields
     }
 
     /// Percent-decodes one name or value; `+` stands for a space.

@@ -1,28 +1,51 @@
-/// One authorized request as Authorino reports it, after validation and normalisation.
+/// One authorized request as Authorino reports it, after validation and normalisation: the
+/// label values it is counted under in every family, already templated and hashed.
 public struct Callback: Sendable, Equatable {
-    /// The identity being charged; never empty.
-    public var user: String
-    /// Groups trimmed, de-duplicated, sorted and comma-joined ("" when none were sent).
-    public var groups: String
-    /// The request path without its query string ("" when none was sent).
-    public var path: String
+    /// Label values per family, in the schema's order of families and labels.
+    public var series: [LabelValues]
+    /// The increment per family (nil: that family skips this callback); empty means 1 for all.
+    public var amounts: [UInt64?]
+    /// The values of the labels named `user`, `groups` and `path` (the first family that has
+    /// them), as exposed, for the debug view and logs; "" when the schema has no such label.
+    public var user = ""
+    public var groups = ""
+    public var path = ""
     /// The gateway request's method and host: logged and shown in the debug view, not counted.
     public var method: String
     public var host: String
 
+    /// A callback of the built-in schema, `llm_requests_total{user,groups,path}`.
     public init(user: String, groups: String, path: String, method: String = "", host: String = "") {
+        self.init(series: [[user, groups, path]], method: method, host: host)
         self.user = user
         self.groups = groups
         self.path = path
+    }
+
+    public init(series: [LabelValues], amounts: [UInt64?] = [], method: String = "", host: String = "") {
+        self.series = series
+        self.amounts = amounts
         self.method = method
         self.host = host
     }
 
-    /// Equal when every field holds the same bytes: these become label values, which Prometheus
+    /// What family `index` adds for this callback, or nil when it skips it.
+    public func amount(forFamily index: Int) -> UInt64? {
+        self.amounts.isEmpty ? 1 : self.amounts[index]
+    }
+
+    /// Equal when every value holds the same bytes: these become label values, which Prometheus
     /// compares by bytes, so `String`'s canonical equivalence would call different series equal.
     public static func == (a: Callback, b: Callback) -> Bool {
-        a.user.hasSameBytes(as: b.user) && a.groups.hasSameBytes(as: b.groups) && a.path.hasSameBytes(as: b.path)
-            && a.method.hasSameBytes(as: b.method) && a.host.hasSameBytes(as: b.host)
+        guard a.series.count == b.series.count, a.amount(forFamilies: a.series.count) == b.amount(forFamilies: b.series.count) else { return false }
+        for (x, y) in zip(a.series, b.series) {
+            guard x.count == y.count, zip(x, y).allSatisfy({ $0.hasSameBytes(as: $1) }) else { return false }
+        }
+        return a.method.hasSameBytes(as: b.method) && a.host.hasSameBytes(as: b.host)
+    }
+
+    private func amount(forFamilies count: Int) -> [UInt64?] {
+        (0..<count).map { self.amount(forFamily: $0) }
     }
 }
 

@@ -16,30 +16,47 @@ struct JSONObjectScanner {
         self.bytes = bytes
     }
 
-    static func scan(_ bytes: UnsafeRawBufferPointer) throws(SyntaxError) -> CallbackFields {
+    /// Reads the object, keeping the fields `table` asks for (descending into nested objects
+    /// where it has children) and checking the syntax of everything else.
+    static func scan(_ bytes: UnsafeRawBufferPointer, table: FieldTable, into fields: inout ScannedFields) throws(SyntaxError) {
         var scanner = JSONObjectScanner(bytes)
-        var fields = CallbackFields(repeatedGroupsAreLists: false)
         scanner.skipWhitespace()
         guard scanner.peek() == UInt8(ascii: "{") else {
             throw scanner.error(scanner.atEnd ? "body is empty" : "body must be a JSON object")
         }
-        try scanner.readObject { (scanner, name) throws(SyntaxError) in
-            if let field = name.field {
-                fields.add(field, try scanner.readFieldValue())
-            } else {
-                try scanner.skipValue(depth: 1)
-                fields.addUnknown(name.string ?? "(not UTF-8)")
-            }
-        }
+        try scanner.readMembers(of: table, depth: 1, topLevel: true, into: &fields)
         scanner.skipWhitespace()
         guard scanner.atEnd else { throw scanner.error("unexpected data after the JSON object") }
-        return fields
+    }
+
+    private mutating func readMembers(of table: FieldTable, depth: Int, topLevel: Bool, into fields: inout ScannedFields) throws(SyntaxError) {
+        try self.readObject { (scanner, name) throws(SyntaxError) in
+            guard let index = name.entry(in: table) else {
+                try scanner.skipValue(depth: depth)
+                if topLevel { fields.addUnknown(name.string ?? "(not UTF-8)") }
+                return
+            }
+            let entry = table.entries[index]
+            if let children = entry.children, scanner.peek() == UInt8(ascii: "{") {
+                guard depth < Self.maximumDepth else { throw scanner.error("nested deeper than \(Self.maximumDepth) levels") }
+                if topLevel { fields.enter(branch: index) }
+                if let field = entry.field { fields.add(field, .other("object")) }
+                try scanner.readMembers(of: children, depth: depth + 1, topLevel: false, into: &fields)
+            } else if let field = entry.field {
+                fields.add(field, try scanner.readFieldValue())
+            } else {
+                // A name on the way to a wanted field, holding something other than an object:
+                // the field is missing, which validation reports if it matters.
+                if topLevel { fields.enter(branch: index) }
+                try scanner.skipValue(depth: depth)
+            }
+        }
     }
 
     // MARK: values
 
-    private mutating func readFieldValue() throws(SyntaxError) -> CallbackFields.Value {
-        switch self.peek() {
+    private mutating func readFieldValue() throws(SyntaxError) -> FieldValue {
+        switch self.peek() ?? 0 {
         case UInt8(ascii: "\""):
             return .text(try self.readString())
         case UInt8(ascii: "["):
@@ -55,6 +72,10 @@ struct JSONObjectScanner {
                 }
             }
             return allStrings ? .list(items) : .other("an array that holds non-strings")
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+            let start = self.index
+            try self.skipNumber()
+            return .number(NumberReading(json: UnsafeRawBufferPointer(rebasing: self.bytes[start..<self.index])))
         default:
             let kind = self.kindOfValue()
             try self.skipValue(depth: 1)
@@ -179,10 +200,10 @@ struct JSONObjectScanner {
         case verbatim(UnsafeRawBufferPointer)
         case decoded([UInt8])
 
-        var field: CallbackFields.Field? {
+        func entry(in table: FieldTable) -> Int? {
             switch self {
-            case .verbatim(let bytes): CallbackFields.Field(bytes)
-            case .decoded(let bytes): CallbackFields.Field(bytes)
+            case .verbatim(let bytes): table.find(bytes)
+            case .decoded(let bytes): table.find(bytes)
             }
         }
 

@@ -1,0 +1,259 @@
+import Glibc
+import Synchronization
+
+/// The label values of one series, in the order of its family's label names.
+public typealias LabelValues = [String]
+
+/// The counters of one metric family, keyed by label values, within its budgets.
+///
+/// Contract:
+/// - Concurrency: `increment` may be called from any thread at any time. Every increment that
+///   returns is counted exactly once; none is lost or doubled under contention.
+/// - Cost: insert and increment are O(1) amortised. Series are spread over independently locked
+///   stripes by hash, so concurrent callbacks for different series rarely wait on each other, and
+///   a lock is only ever held for one dictionary operation. An existing series takes its stripe's
+///   lock only; only a series not seen before takes the family's budget lock.
+/// - Budgets: each label keeps at most `maxValues[i]` distinct values (values in `freeValues[i]`,
+///   the known route templates, are not counted); a new value beyond it is counted under
+///   `__other__` on that label alone. At most `maxSeries` series are created from callbacks; a
+///   new one beyond it is counted in the series whose every label is `__other__` (which may be
+///   the one series over the cap). Nothing is ever evicted, so the sum over the family is
+///   always the sum of what was counted.
+/// - Hold: a series is exposed by `snapshot` as 0 until it is `newSeriesHold` nanoseconds old,
+///   so every scraper sees it start from 0 and `increase()` counts its first increments.
+/// - Reading: `snapshot` copies one stripe at a time, so exposition never holds a lock across the
+///   whole store and never blocks increments for longer than one stripe's copy. A snapshot is
+///   exact per series; increments that land during it may or may not be included.
+/// - Identity: label values are compared by their UTF-8 bytes, as Prometheus compares them, not
+///   by `String`'s canonical equivalence: `K` and the Kelvin sign, or NFC and NFD `café`, are
+///   distinct series, each exposed with exactly the bytes it was counted under.
+/// - Ordering: `snapshot` returns series sorted by the bytes of their label values, so exposition
+///   is stable and agrees with identity.
+/// - Counts only grow. Series are never removed while the process runs.
+public final class CounterFamily: Sendable {
+    public let name: String
+    public let help: String
+    public let labelNames: [String]
+    public let maxSeries: Int
+    /// Per label; `Int.max` where unbounded.
+    public let maxValues: [Int]
+    private let freeValues: [Set<ExactString>]
+    private let newSeriesHold: UInt64
+    private let clock: @Sendable () -> UInt64
+    private let stripes: [Stripe]
+    private let budget: Mutex<Budget>
+    private let overflowKey: SeriesKey
+
+    private struct Series {
+        var count: UInt64
+        /// The clock's reading when it was created (0 when no hold is set).
+        let created: UInt64
+    }
+
+    private final class Stripe: Sendable {
+        let series = Mutex<[SeriesKey: Series]>([:])
+    }
+
+    private struct Budget {
+        var values: [Set<ExactString>]
+        /// Series created within `maxSeries` (the overflow series is outside it).
+        var series = 0
+        var labelOverflows: [UInt64]
+        var seriesOverflows: UInt64 = 0
+    }
+
+    /// Label values with their hash computed once: it picks the stripe and keys the dictionary.
+    /// Hash and equality both use the UTF-8 bytes (see Identity above).
+    private struct SeriesKey: Hashable {
+        let labels: LabelValues
+        let hash: Int
+
+        init(_ labels: LabelValues) {
+            self.labels = labels
+            var hasher = Hasher()
+            for label in labels { label.hashBytes(into: &hasher) }
+            self.hash = hasher.finalize()
+        }
+
+        static func == (a: SeriesKey, b: SeriesKey) -> Bool {
+            guard a.hash == b.hash, a.labels.count == b.labels.count else { return false }
+            for index in a.labels.indices where !a.labels[index].hasSameBytes(as: b.labels[index]) { return false }
+            return true
+        }
+        func hash(into hasher: inout Hasher) { hasher.combine(self.hash) }
+    }
+
+    private func stripe(for key: SeriesKey) -> Stripe {
+        self.stripes[Int(UInt(bitPattern: key.hash) % UInt(self.stripes.count))]
+    }
+
+    public init(
+        name: String, help: String, labelNames: [String], stripes: Int = 16, maxSeries: Int = .max, maxValues: [Int]? = nil,
+        freeValues: [Set<String>]? = nil, newSeriesHoldNanoseconds: UInt64 = 0,
+        clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds
+    ) {
+        precondition(stripes > 0)
+        self.name = name
+        self.help = help
+        self.labelNames = labelNames
+        self.maxSeries = maxSeries
+        self.maxValues = maxValues ?? labelNames.map { _ in .max }
+        precondition(self.maxValues.count == labelNames.count)
+        self.freeValues = (freeValues ?? labelNames.map { _ in [] }).map { Set($0.map(ExactString.init)) }
+        self.newSeriesHold = newSeriesHoldNanoseconds
+        self.clock = clock
+        self.stripes = (0..<stripes).map { _ in Stripe() }
+        self.budget = Mutex(Budget(values: labelNames.map { _ in [] }, labelOverflows: labelNames.map { _ in 0 }))
+        self.overflowKey = SeriesKey(labelNames.map { _ in MeteringSchema.overflowValue })
+    }
+
+    public func increment(_ labelValues: LabelValues, by amount: UInt64 = 1) {
+        precondition(labelValues.count == self.labelNames.count, "\(self.name): wrong number of label values")
+        let key = SeriesKey(labelValues)
+        if Self.add(amount, to: key, in: self.stripe(for: key)) { return }
+        self.insert(labelValues, amount)
+    }
+
+    /// Adds to an existing series; false when there is none.
+    private static func add(_ amount: UInt64, to key: SeriesKey, in stripe: Stripe) -> Bool {
+        stripe.series.withLock { series in
+            guard let index = series.index(forKey: key) else { return false }
+            series.values[index].count &+= amount
+            return true
+        }
+    }
+
+    /// A series not seen before: spends the budgets, or folds into `__other__`. Serialised by the
+    /// budget lock, so two callbacks creating the same series cannot both create it.
+    private func insert(_ labelValues: LabelValues, _ amount: UInt64) {
+        self.budget.withLock { budget in
+            var labels = labelValues
+            var newValues: [(label: Int, value: ExactString)] = []
+            for index in labels.indices where self.maxValues[index] < .max {
+                let value = ExactString(labels[index])
+                if self.freeValues[index].contains(value) || budget.values[index].contains(value) { continue }
+                if budget.values[index].count + newValues.count(where: { $0.label == index }) < self.maxValues[index] {
+                    newValues.append((index, value))
+                } else {
+                    labels[index] = MeteringSchema.overflowValue
+                    budget.labelOverflows[index] &+= 1
+                }
+            }
+            var key = SeriesKey(labels)
+            // Folding may have led to a series that exists; so may a callback that raced this one.
+            if Self.add(amount, to: key, in: self.stripe(for: key)) { return }
+            if budget.series >= self.maxSeries {
+                budget.seriesOverflows &+= 1
+                key = self.overflowKey
+                if Self.add(amount, to: key, in: self.stripe(for: key)) { return }
+            } else {
+                budget.series += 1
+                for (index, value) in newValues { budget.values[index].insert(value) }
+            }
+            let created = self.newSeriesHold > 0 ? self.clock() : 0
+            self.stripe(for: key).series.withLock { $0[key] = Series(count: amount, created: created) }
+        }
+    }
+
+    /// The current value of one series (0 when it was never incremented), whatever the hold.
+    public func value(_ labelValues: LabelValues) -> UInt64 {
+        let key = SeriesKey(labelValues)
+        return self.stripe(for: key).series.withLock { $0[key]?.count ?? 0 }
+    }
+
+    public var seriesCount: Int {
+        self.stripes.reduce(0) { count, stripe in count + stripe.series.withLock { $0.count } }
+    }
+
+    /// Budget use, for the self-metrics: distinct values held and callbacks folded, per label,
+    /// and new series sent to the overflow series.
+    public func budgetUse() -> (values: [Int], labelOverflows: [UInt64], seriesOverflows: UInt64) {
+        self.budget.withLock { budget in (budget.values.map(\.count), budget.labelOverflows, budget.seriesOverflows) }
+    }
+
+    /// The series for which `isIncluded` holds, with their counts (no hold applied: this is for
+    /// people asking what was counted), in no particular order, copied one stripe at a time like
+    /// `snapshot`. `isIncluded` runs under a stripe's lock, so it must be cheap (a comparison of
+    /// one label), and it must not touch this family.
+    public func series(where isIncluded: (LabelValues) -> Bool = { _ in true }) -> [(labels: LabelValues, value: UInt64)] {
+        var all: [(labels: LabelValues, value: UInt64)] = []
+        for stripe in self.stripes {
+            stripe.series.withLock { series in
+                for (key, value) in series where isIncluded(key.labels) { all.append((key.labels, value.count)) }
+            }
+        }
+        return all
+    }
+
+    /// Hands `body` the series of one stripe at a time (in no particular order, with their counts),
+    /// each copied under its stripe's lock and handed over after the lock is released, so `body`
+    /// may take its time. Memory: one stripe's copy at a time, reused.
+    public func forEachStripe(_ body: ([(labels: LabelValues, value: UInt64)]) -> Void) {
+        var chunk: [(labels: LabelValues, value: UInt64)] = []
+        for stripe in self.stripes {
+            chunk.removeAll(keepingCapacity: true)
+            stripe.series.withLock { series in
+                chunk.reserveCapacity(series.count)
+                for (key, value) in series { chunk.append((key.labels, value.count)) }
+            }
+            body(chunk)
+        }
+    }
+
+    public func snapshot() -> [(labels: LabelValues, value: UInt64)] {
+        var all: [(labels: LabelValues, value: UInt64)] = []
+        let hold = self.newSeriesHold
+        let now = hold > 0 ? self.clock() : 0
+        for stripe in self.stripes {
+            stripe.series.withLock { series in
+                all.reserveCapacity(all.count + series.count)
+                for (key, value) in series {
+                    // Young series read 0: see Hold above.
+                    let young = hold > 0 && (value.created > now || now - value.created < hold)
+                    all.append((key.labels, young ? 0 : value.count))
+                }
+            }
+        }
+        // Sorted by bytes, outside the locks. Where every value is ASCII, `String`'s `<` is byte
+        // order and far cheaper (small strings compare without touching memory), so those series
+        // are sorted with it, the rest by bytes, and the two runs merged.
+        let firstNonASCII = all.partition { !$0.labels.allSatisfy(\.isASCII) }
+        all[..<firstNonASCII].sort { $0.labels.lexicographicallyPrecedes($1.labels) }
+        guard firstNonASCII < all.endIndex else { return all }
+        all[firstNonASCII...].sort { labelValuesPrecede($0.labels, $1.labels) }
+        var merged: [(labels: LabelValues, value: UInt64)] = []
+        merged.reserveCapacity(all.count)
+        var left = all.startIndex, right = firstNonASCII
+        while left < firstNonASCII, right < all.endIndex {
+            if labelValuesPrecede(all[right].labels, all[left].labels) {
+                merged.append(all[right])
+                right += 1
+            } else {
+                merged.append(all[left])
+                left += 1
+            }
+        }
+        merged.append(contentsOf: all[left..<firstNonASCII])
+        merged.append(contentsOf: all[right...])
+        return merged
+    }
+}
+
+/// A string that hashes and compares by its UTF-8 bytes, for the budgets' value sets.
+struct ExactString: Hashable, Sendable {
+    let value: String
+
+    init(_ value: String) {
+        self.value = value
+    }
+
+    static func == (a: ExactString, b: ExactString) -> Bool { a.value.hasSameBytes(as: b.value) }
+    func hash(into hasher: inout Hasher) { self.value.hashBytes(into: &hasher) }
+}
+
+/// Nanoseconds on the monotonic clock, which wall-clock changes do not move.
+public func monotonicNanoseconds() -> UInt64 {
+    var time = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &time)
+    return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
+}
