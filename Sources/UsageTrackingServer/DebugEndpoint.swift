@@ -43,7 +43,7 @@ enum DebugEndpoint {
                         + report.rates.map { ($0.kind.name, .array($0.perSecond.map { .integer(Int64($0)) })) }
                 )
             ),
-            ("top", Self.json(report.rankings)),
+            ("top", Self.json(report.rankings, budgets: report.budgets)),
             ("last_scrape", report.lastScrape.map(Self.json) ?? .null),
             (
                 "secrets",
@@ -71,20 +71,21 @@ enum DebugEndpoint {
 
     private static func rounded(_ value: Double) -> Double { (value * 1000).rounded() / 1000 }
 
-    private static func json(_ rankings: StatusTracking.Rankings) -> JSONText {
+    private static func json(_ rankings: StatusTracking.Rankings, budgets: [String: [(held: Int, limit: Int?)]]) -> JSONText {
         .object(
             [("computed_at", .string(JSONLogHandler.timestamp(unixSeconds: rankings.computedAt)))]
                 + rankings.families.map { family in
                     (
                         family.name,
-                        .object(family.labels.map { ranking in
-                            (
-                                ranking.labelName,
-                                .object([
-                                    ("distinct", .integer(Int64(ranking.distinctValues))),
-                                    ("top", .array(ranking.top.map { .object([("value", .string($0.value)), ("count", .integer(Int64($0.count)))]) })),
-                                ])
-                            )
+                        .object(family.labels.enumerated().map { index, ranking in
+                            var members: [(String, JSONText)] = [
+                                ("distinct", .integer(Int64(ranking.distinctValues))),
+                                ("top", .array(ranking.top.map { .object([("value", .string($0.value)), ("count", .integer(Int64($0.count)))]) })),
+                            ]
+                            if let budget = budgets[family.name]?[index], let limit = budget.limit {
+                                members.append(("budget", .object([("held", .integer(Int64(budget.held))), ("limit", .integer(Int64(limit)))])))
+                            }
+                            return (ranking.labelName, .object(members))
                         })
                     )
                 }

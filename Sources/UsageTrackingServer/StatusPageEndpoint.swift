@@ -107,10 +107,13 @@ enum StatusPageEndpoint {
             .raw("</span> · ranked at <span id=\"ranked-at\">").text(JSONLogHandler.timestamp(unixSeconds: report.rankings.computedAt))
             .raw("</span></p><div class=\"row\">")
         for family in report.rankings.families {
-            for ranking in family.labels {
+            for (index, ranking) in family.labels.enumerated() {
                 let id = "top-\(family.name)-\(ranking.labelName)"
+                let budget = report.budgets[family.name]?[index]
+                let budgetText = budget.flatMap { budget in budget.limit.map { "; budget \(budget.held) of \($0)" } } ?? ""
                 page.raw("<table><caption>").text(ranking.labelName).raw(" (<span id=\"").text(id + "-distinct").raw("\">")
-                    .text(String(ranking.distinctValues)).raw("</span> values)</caption><thead><tr><th>").text(ranking.labelName)
+                    .text(String(ranking.distinctValues)).raw("</span> values<span id=\"").text(id + "-budget").raw("\">").text(budgetText)
+                    .raw("</span>)</caption><thead><tr><th>").text(ranking.labelName)
                     .raw("</th><th>count</th></tr></thead><tbody id=\"").text(id).raw("\">")
                 for entry in ranking.top {
                     page.raw("<tr><td>")
@@ -301,7 +304,8 @@ enum StatusPageEndpoint {
         put('series',Object.keys(d.series).map(function(k){return k+' '+d.series[k];}).join(', '));
         put('ranked-at',d.top.computed_at);
         Object.keys(d.top).forEach(function(f){if(f==='computed_at')return;Object.keys(d.top[f]).forEach(function(l){
-        var id='top-'+f+'-'+l;put(id+'-distinct',d.top[f][l].distinct);
+        var id='top-'+f+'-'+l,b=d.top[f][l].budget;put(id+'-distinct',d.top[f][l].distinct);
+        put(id+'-budget',b?'; budget '+b.held+' of '+b.limit:'');
         rows(id,d.top[f][l].top.map(function(e){return [l==='user'?{user:e.value}:e.value,e.count];}));});});
         rows('recent-rejected',d.recent_rejected.slice(0,shown).map(function(e){
         return [e.time,e.status,e.outcome,e.problems.join('; '),e.request_id,e.sender];}));

@@ -87,6 +87,9 @@ struct StatusReport {
     var outcomes: [(outcome: CallbackOutcome, count: UInt64)]
     var rates: [Rate]
     var rankings: StatusTracking.Rankings
+    /// Per family name, per label: distinct values held against the label's `max_values` (nil
+    /// when the label has no budget). Read live: one lock per family.
+    var budgets: [String: [(held: Int, limit: Int?)]]
     var recentAccepted: [RecentCallbacks.Accepted]
     var recentRejected: [RecentCallbacks.Rejected]
     var lastScrape: StatusEvents.Scrape?
@@ -159,6 +162,10 @@ struct StatusReport {
             outcomes: state.metrics.outcomeCounts,
             rates: rates,
             rankings: status.rankings(of: state.metrics.countedFamilies),
+            budgets: Dictionary(uniqueKeysWithValues: state.metrics.countedFamilies.map { family in
+                let held = family.budgetUse().values
+                return (family.name, zip(held, family.maxValues).map { ($0, $1 == .max ? nil : $1) })
+            }),
             recentAccepted: accepted,
             recentRejected: recent.rejectedEntries,
             lastScrape: status.events.lastScrape,

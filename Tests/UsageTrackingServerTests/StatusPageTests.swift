@@ -59,7 +59,7 @@ import UsageTrackingCore
             )
         )
         #expect(page.contains(#"<tbody id="top-llm_requests_total-path"><tr><td>/v1/chat</td><td>2</td></tr><tr><td>/v1/embed</td><td>1</td></tr></tbody>"#))
-        #expect(page.contains(#"<span id="top-llm_requests_total-user-distinct">2</span> values"#))
+        #expect(page.contains(#"<span id="top-llm_requests_total-user-distinct">2</span> values<span id="top-llm_requests_total-user-budget">; budget 2 of 100000</span>"#))
         #expect(page.contains(try Regex(#"<td>422</td><td>invalid</td><td>user: required</td><td>refused-7</td><td>127\.0\.0\.1:9999</td>"#)))
         #expect(page.contains(try Regex(#"<dd id="last-scrape">20\d\d-[0-9T:.-]+Z from 127\.0\.0\.1:9999, rendered in [0-9.]+ ms</dd>"#)))
         #expect(page.contains(#"<dd id="authentication">off, 0 secrets loaded</dd>"#))
@@ -136,7 +136,8 @@ import UsageTrackingCore
         #expect(json.contains(#""secrets":{"last_reload":null,"last_match":{"position":1,"time":"20"#))
         #expect(json.contains(try Regex(#""last_scrape":\{"time":"20[^"]+Z","from":"127\.0\.0\.1:9999","render_seconds":[0-9.e-]+\}"#)))
         #expect(json.contains(#""top":{"computed_at":""#))
-        #expect(json.contains(#""llm_requests_total":{"user":{"distinct":1,"top":[{"value":"u","count":1}]},"groups":{"distinct":1,"top":[{"value":"","count":1}]}"#))
+        // Each label's budget use beside its ranking (the built-in budgets: 100,000 users, 1,000 groups).
+        #expect(json.contains(#""llm_requests_total":{"user":{"distinct":1,"top":[{"value":"u","count":1}],"budget":{"held":1,"limit":100000}},"groups":{"distinct":1,"top":[{"value":"","count":1}],"budget":{"held":1,"limit":1000}}"#))
         #expect(json.contains(#""host_name":""#))
         // Three accepted (four with the callback, if it fell in the same second) and one refused.
         let accepted = try #require(json.firstMatch(of: #/"per_second":\{"seconds":300,"accepted":\[([0-9,]+)\],"refused":\[([0-9,]+)\]\}/#))
