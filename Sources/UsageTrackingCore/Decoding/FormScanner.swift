@@ -27,29 +27,40 @@ enum FormScanner {
         guard !fields.isEmpty else { throw SyntaxError(message: "body is empty") }
     }
 
-    /// Percent-decodes one name or value; `+` stands for a space.
     private static func decode(_ raw: Slice<UnsafeRawBufferPointer>, at offset: Int) throws(SyntaxError) -> [UInt8] {
+        switch Self.percentDecoded(raw) {
+        case .success(let bytes): return bytes
+        case .failure(let bad): throw SyntaxError(message: "invalid percent-escape at byte \(offset + bad.offset)")
+        }
+    }
+
+    struct BadPercentEscape: Error {
+        /// Where the escape starts, counted from the start of the decoded bytes.
+        var offset: Int
+    }
+
+    /// Percent-decodes one form name or value, or a query string's (`+` stands for a space).
+    static func percentDecoded(_ raw: some Collection<UInt8>) -> Result<[UInt8], BadPercentEscape> {
         var out: [UInt8] = []
         out.reserveCapacity(raw.count)
-        var index = raw.startIndex
-        while index < raw.endIndex {
-            let byte = raw[index]
+        var iterator = raw.makeIterator()
+        var offset = 0
+        while let byte = iterator.next() {
             switch byte {
             case UInt8(ascii: "+"):
                 out.append(UInt8(ascii: " "))
             case UInt8(ascii: "%"):
-                guard index + 2 < raw.endIndex, let high = hexValue(raw[index + 1]), let low = hexValue(raw[index + 2])
-                else {
-                    throw SyntaxError(message: "invalid percent-escape at byte \(offset + index - raw.startIndex)")
+                guard let high = iterator.next().flatMap(hexValue), let low = iterator.next().flatMap(hexValue) else {
+                    return .failure(BadPercentEscape(offset: offset))
                 }
                 out.append(high << 4 | low)
-                index += 2
+                offset += 2
             default:
                 out.append(byte)
             }
-            index += 1
+            offset += 1
         }
-        return out
+        return .success(out)
     }
 
     private static func hexValue(_ byte: UInt8) -> UInt8? {

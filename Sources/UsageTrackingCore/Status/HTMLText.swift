@@ -59,41 +59,10 @@ public enum HTMLText {
     public static func queryValue(_ name: String, in query: Substring) -> String? {
         for pair in query.utf8.split(separator: UInt8(ascii: "&"), omittingEmptySubsequences: true) {
             let equals = pair.firstIndex(of: UInt8(ascii: "=")) ?? pair.endIndex
-            guard let key = Self.percentDecoded(pair[pair.startIndex..<equals]), key == Array(name.utf8) else { continue }
+            guard let key = try? FormScanner.percentDecoded(pair[pair.startIndex..<equals]).get(), key == Array(name.utf8) else { continue }
             let raw = equals < pair.endIndex ? pair[pair.index(after: equals)...] : pair[pair.endIndex...]
-            return Self.percentDecoded(raw).flatMap { String(validating: $0, as: UTF8.self) }
+            return (try? FormScanner.percentDecoded(raw).get()).flatMap { String(validating: $0, as: UTF8.self) }
         }
         return nil
-    }
-
-    private static func percentDecoded(_ raw: Substring.UTF8View.SubSequence) -> [UInt8]? {
-        var out: [UInt8] = []
-        var index = raw.startIndex
-        while index < raw.endIndex {
-            let byte = raw[index]
-            if byte == UInt8(ascii: "+") {
-                out.append(UInt8(ascii: " "))
-            } else if byte == UInt8(ascii: "%") {
-                let high = raw.index(after: index)
-                guard high < raw.endIndex, raw.index(after: high) < raw.endIndex,
-                    let h = Self.hexValue(raw[high]), let l = Self.hexValue(raw[raw.index(after: high)])
-                else { return nil }
-                out.append(h << 4 | l)
-                index = raw.index(after: high)
-            } else {
-                out.append(byte)
-            }
-            index = raw.index(after: index)
-        }
-        return out
-    }
-
-    private static func hexValue(_ byte: UInt8) -> UInt8? {
-        switch byte {
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): byte - UInt8(ascii: "0")
-        case UInt8(ascii: "a")...UInt8(ascii: "f"): byte - UInt8(ascii: "a") + 10
-        case UInt8(ascii: "A")...UInt8(ascii: "F"): byte - UInt8(ascii: "A") + 10
-        default: nil
-        }
     }
 }
