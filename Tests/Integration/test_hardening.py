@@ -1,6 +1,7 @@
 """The built binary against hostile or unlucky conditions, over real sockets on 127.0.0.1: clients
 that never read, descriptor exhaustion, a connection cap, a stalled log reader, bad settings,
 stray signals and a rolling update. Every load here is bounded in count and time."""
+import contextlib
 import os
 import signal
 import socket
@@ -215,46 +216,46 @@ def test_a_busy_port_is_named():
     assert "Address already in use" in output
 
 
-def test_an_emptied_secret_file_keeps_refusing_and_warns():
+@contextlib.contextmanager
+def service_with_secret_file(secret):
+    """The binary reading its secrets from a file that holds `secret`; yields it and the path."""
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "secret")
         with open(path, "w") as f:
-            f.write("first\n")
+            f.write(secret + "\n")
         service = Service("--callback-secret-file", path)
         try:
-            with open(path, "w") as f:
-                f.write("")
-            deadline = time.time() + 10
-            while time.time() < deadline and not any('"level":"warning"' in line and "holds no secret" in line for line in service.lines):
-                time.sleep(0.1)
-            assert any('"level":"warning"' in line and "holds no secret" in line for line in service.lines)
-            for headers in ({}, {"Authorization": "Bearer first"}, {"Authorization": "Bearer "}):
-                status, _, _ = request(service.port, "POST", "/track", body=b'{"user":"a"}', headers=headers)
-                assert status == 401
+            yield service, path
         finally:
             service.stop()
+
+
+def test_an_emptied_secret_file_keeps_refusing_and_warns():
+    with service_with_secret_file("first") as (service, path):
+        with open(path, "w") as f:
+            f.write("")
+        deadline = time.time() + 10
+        while time.time() < deadline and not any('"level":"warning"' in line and "holds no secret" in line for line in service.lines):
+            time.sleep(0.1)
+        assert any('"level":"warning"' in line and "holds no secret" in line for line in service.lines)
+        for headers in ({}, {"Authorization": "Bearer first"}, {"Authorization": "Bearer "}):
+            status, _, _ = request(service.port, "POST", "/track", body=b'{"user":"a"}', headers=headers)
+            assert status == 401
 
 
 def test_stray_signals_do_not_stop_the_service_and_sighup_rereads_secrets():
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "secret")
-        with open(path, "w") as f:
-            f.write("one\n")
-        service = Service("--callback-secret-file", path)
-        try:
-            for number in (signal.SIGUSR1, signal.SIGUSR2):
-                service.process.send_signal(number)
-            service.process.send_signal(signal.SIGHUP)
-            deadline = time.time() + 5
-            while time.time() < deadline and not any("callback secrets reloaded" in line for line in service.lines):
-                time.sleep(0.05)
-            assert service.process.poll() is None
-            assert sum('"msg":"signal ignored"' in line for line in service.lines) == 2
-            assert any('"signal":"SIGHUP"' in line for line in service.lines)
-            assert any("callback secrets reloaded" in line for line in service.lines), "SIGHUP re-reads the file even unchanged"
-            assert request(service.port, "POST", "/track", body=b'{"user":"a"}', headers={"Authorization": "Bearer one"})[0] == 202
-        finally:
-            service.stop()
+    with service_with_secret_file("one") as (service, _):
+        for number in (signal.SIGUSR1, signal.SIGUSR2):
+            service.process.send_signal(number)
+        service.process.send_signal(signal.SIGHUP)
+        deadline = time.time() + 5
+        while time.time() < deadline and not any("callback secrets reloaded" in line for line in service.lines):
+            time.sleep(0.05)
+        assert service.process.poll() is None
+        assert sum('"msg":"signal ignored"' in line for line in service.lines) == 2
+        assert any('"signal":"SIGHUP"' in line for line in service.lines)
+        assert any("callback secrets reloaded" in line for line in service.lines), "SIGHUP re-reads the file even unchanged"
+        assert request(service.port, "POST", "/track", body=b'{"user":"a"}', headers={"Authorization": "Bearer one"})[0] == 202
 
 
 def test_a_second_sigterm_ends_the_drain():
