@@ -15,15 +15,20 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
     ],
     targets: [
         // zlib's deflate behind one C function, so gzip needs no extra package.
         .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
         // Parsing, validation, counting, exposition: no HTTP and no networking in here.
-        // Yams reads the metering config; Crypto's HMAC hashes labels marked `hash: hmac-sha256`.
+        // Yams reads the metering config; Crypto's HMAC hashes labels marked `hash: hmac-sha256`;
+        // GRDB keeps the usage ledger in SQLite (the system's libsqlite3).
         .target(
             name: "UsageTrackingCore",
-            dependencies: ["CZlib", .product(name: "Yams", package: "Yams"), .product(name: "Crypto", package: "swift-crypto")]
+            dependencies: [
+                "CZlib", .product(name: "Yams", package: "Yams"), .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift"),
+            ]
         ),
         // The SwiftNIO HTTP/1 server on top of the core.
         .target(

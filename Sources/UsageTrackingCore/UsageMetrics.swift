@@ -28,22 +28,32 @@ public final class UsageMetrics: Sendable {
 
     /// Log lines dropped because the log reader fell behind; the log writer lives in the server.
     private let droppedLogLines: @Sendable () -> UInt64
+    /// Ids for the series of every family (see `CounterFamily`, Ids).
+    public let seriesIDs = SeriesIDs()
+    /// The recent request ids, when callbacks are deduplicated.
+    public let requestIDs: RequestIDWindow?
+    /// The ledger's health, when there is a ledger (`--state-dir`).
+    public let ledger: LedgerHealth?
 
     /// `newSeriesHoldNanoseconds`: see `CounterFamily` (Hold); `clock` is for tests.
     public init(
         schema: MeteringSchema = .default, newSeriesHoldNanoseconds: UInt64 = 0,
         clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds,
-        droppedLogLines: @escaping @Sendable () -> UInt64 = { 0 }
+        droppedLogLines: @escaping @Sendable () -> UInt64 = { 0 },
+        requestIDs: RequestIDWindow? = nil, ledger: LedgerHealth? = nil
     ) {
         self.schema = schema
+        self.requestIDs = requestIDs
+        self.ledger = ledger
         let templates = RouteTemplates(RouteTemplates.builtIn + schema.routes).templates
+        let ids = self.seriesIDs
         self.families = schema.metrics.map { metric in
             CounterFamily(
                 name: metric.name, help: metric.help, labelNames: metric.labels.map(\.name),
                 maxSeries: metric.maxSeries, maxValues: metric.labels.map(\.maxValues),
                 // Known routes never spend a budget, so a scanner cannot push real traffic out.
                 freeValues: metric.labels.map { $0.kind == .route ? templates : [] },
-                newSeriesHoldNanoseconds: newSeriesHoldNanoseconds, clock: clock
+                newSeriesHoldNanoseconds: newSeriesHoldNanoseconds, clock: clock, ids: ids
             )
         }
         self.droppedLogLines = droppedLogLines
@@ -52,15 +62,39 @@ public final class UsageMetrics: Sendable {
     /// Counts an accepted callback in every family (a family whose value field was absent skips
     /// it). The callback is fully validated before this, so either all families count it or,
     /// when it was refused, none does.
-    public func count(_ callback: Callback) {
-        for (index, family) in self.families.enumerated() {
-            if let amount = callback.amount(forFamily: index) { family.increment(callback.series[index], by: amount) }
+    /// Returns the series counted, per family (nil where skipped), for the ledger.
+    @discardableResult
+    public func count(_ callback: Callback) -> [SeriesHandle?] {
+        self.families.enumerated().map { index, family in
+            callback.amount(forFamily: index).map { family.increment(callback.series[index], by: $0) }
         }
     }
 
-    public func record(_ outcome: CallbackOutcome) {
-        self.outcomes[outcome.index].value.wrappingAdd(1, ordering: .relaxed)
+    /// The series `callback` would count in, created at 0 where new, without counting it: the
+    /// ledger's `always` mode counts only once the increment is committed (`add`).
+    public func resolve(_ callback: Callback) -> [SeriesHandle?] {
+        self.families.enumerated().map { index, family in
+            callback.amount(forFamily: index).map { _ in family.increment(callback.series[index], by: 0) }
+        }
     }
+
+    /// Counts a resolved callback.
+    public func add(_ series: [SeriesHandle?], amounts: [UInt64?]) {
+        for (index, handle) in series.enumerated() {
+            if let handle, let amount = amounts.isEmpty ? 1 : amounts[index] { self.families[index].add(amount, to: handle) }
+        }
+    }
+
+    public func record(_ outcome: CallbackOutcome, count: UInt64 = 1) {
+        self.outcomes[outcome.index].value.wrappingAdd(count, ordering: .relaxed)
+    }
+
+    /// An outcome's count read back from the ledger at startup.
+    public func restore(_ outcome: CallbackOutcome, count: UInt64) {
+        self.outcomes[outcome.index].value.store(count, ordering: .relaxed)
+    }
+
+    public static let callbacksName = "usage_tracking_callbacks_total"
 
     public func count(of outcome: CallbackOutcome) -> UInt64 {
         self.outcomes[outcome.index].value.load(ordering: .relaxed)
@@ -79,7 +113,7 @@ public final class UsageMetrics: Sendable {
         let usage = self.families.map { $0.snapshot() }
         var writer = ExpositionWriter(capacity: 4096 + usage.reduce(0) { $0 + $1.count } * 96)
         for (family, series) in zip(self.families, usage) { Self.write(family, series, to: &writer) }
-        let callbacks = "usage_tracking_callbacks_total"
+        let callbacks = Self.callbacksName
         writer.family(callbacks, help: "Callbacks received on /track, by outcome: accepted, or the reason they were not counted.", type: .counter)
         for (outcome, count) in self.outcomeCounts {
             writer.sample(callbacks, labels: ["outcome"], values: [outcome.rawValue], value: count)
@@ -123,6 +157,19 @@ public final class UsageMetrics: Sendable {
             for (index, label) in family.labelNames.enumerated() where family.maxValues[index] < .max {
                 writer.sample("usage_tracking_label_values_limit", labels: ["metric", "label"], values: [family.name, label], value: UInt64(family.maxValues[index]))
             }
+        }
+
+        if let requestIDs = self.requestIDs {
+            writer.family("usage_tracking_dedupe_request_ids", help: "Request ids remembered to catch repeated callbacks.", type: .gauge)
+            writer.sample("usage_tracking_dedupe_request_ids", value: UInt64(requestIDs.count))
+            writer.family("usage_tracking_dedupe_evictions_total", help: "Request ids forgotten before their window ended because --dedupe-max-ids was reached.", type: .counter)
+            writer.sample("usage_tracking_dedupe_evictions_total", value: requestIDs.evictions)
+        }
+        if let ledger = self.ledger {
+            writer.family("usage_tracking_ledger_errors_total", help: "Ledger commits that failed (disk full, I/O error); see the log.", type: .counter)
+            writer.sample("usage_tracking_ledger_errors_total", value: ledger.errors)
+            writer.family("usage_tracking_ledger_last_commit_timestamp_seconds", help: "Unix time of the ledger's last successful commit (at least every 30 s while healthy).", type: .gauge)
+            writer.sample("usage_tracking_ledger_last_commit_timestamp_seconds", value: ledger.lastCommit)
         }
 
         writer.family("usage_tracking_log_dropped_total", help: "Log lines dropped because standard output was not read fast enough.", type: .counter)

@@ -7,8 +7,9 @@ import UsageTrackingCore
 /// event loop, and writes the serialised reply straight to the socket.
 ///
 /// Requests are answered in the order they arrive. A request is received (head checks, body
-/// limit) as soon as its parts arrive, and answered at once unless a reply is still being rendered
-/// off the loop (`/metrics`) or the socket is not taking writes; then it waits in `waiting`.
+/// limit) as soon as its parts arrive, and answered at once unless a reply is still being produced
+/// off the loop (`/metrics` rendering, a callback's ledger commit) or the socket is not taking
+/// writes; then it waits in `waiting`.
 ///
 /// Backpressure: while anything waits, while a reply renders, or while the channel is not
 /// writable, the handler holds back `read`, so the socket is not read again until the replies
@@ -40,7 +41,7 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     private var receiving: Request?
     /// Requests received in full and not yet answered, in order.
     private var waiting = CircularBuffer<Request>(initialCapacity: 4)
-    /// True while a reply is being rendered off the loop.
+    /// True while a reply is being produced off the loop (a render, a ledger commit).
     private var rendering = false
     /// Mirrors the channel's writability (kept here so the hot path reads a stored Bool).
     private var writable = true
@@ -255,14 +256,27 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         let head = request.head
         switch request.route {
         case .track:
-            if let rejection = request.rejection ?? TrackEndpoint.handle(head, body: request.body, sender: self.peer, state: self.state) {
-                self.complete(context: context, request, reply: TrackEndpoint.reply(to: rejection, head, sender: self.peer, state: self.state))
-            } else if self.closesAfter(request) {
-                self.complete(context: context, request, reply: HTTPResponse(status: .accepted))
-            } else {
-                // The hot path: the prebuilt 202, no serialisation.
-                context.write(self.wrapOutboundOut(HTTPResponse.acceptedBytes), promise: nil)
-                self.observe(context: context, request)
+            if let rejection = request.rejection {
+                self.refuse(context: context, request, rejection)
+                return
+            }
+            switch TrackEndpoint.handle(head, body: request.body, sender: self.peer, state: self.state, on: context.eventLoop) {
+            case .accepted: self.acknowledge(context: context, request)
+            case .rejected(let rejection): self.refuse(context: context, request, rejection)
+            case .committing(let commit, let callback):
+                // Like a render: later requests wait, in order, while the ledger commits.
+                self.rendering = true
+                commit.assumeIsolated().whenComplete { result in
+                    self.rendering = false
+                    let verdict = (try? result.get()) ?? .unavailable
+                    if let rejection = TrackEndpoint.committed(verdict, callback, head, sender: self.peer, state: self.state) {
+                        self.refuse(context: context, request, rejection)
+                    } else {
+                        self.acknowledge(context: context, request)
+                    }
+                    self.answerWaiting(context: context)
+                    context.flush()
+                }
             }
         // A `where` binds to one pattern only, hence one per route.
         case .metrics where head.isRead, .debug where head.isRead, .status where head.isRead:
@@ -285,6 +299,20 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         case .metrics, .healthz, .readyz, .debug, .status, .other:
             self.complete(context: context, request, reply: self.readOnlyReply(request))
         }
+    }
+
+    private func acknowledge(context: ChannelHandlerContext, _ request: Request) {
+        if self.closesAfter(request) {
+            self.complete(context: context, request, reply: HTTPResponse(status: .accepted))
+        } else {
+            // The hot path: the prebuilt 202, no serialisation.
+            context.write(self.wrapOutboundOut(HTTPResponse.acceptedBytes), promise: nil)
+            self.observe(context: context, request)
+        }
+    }
+
+    private func refuse(context: ChannelHandlerContext, _ request: Request, _ rejection: CallbackRejection) {
+        self.complete(context: context, request, reply: TrackEndpoint.reply(to: rejection, request.head, sender: self.peer, state: self.state))
     }
 
     private func readOnlyReply(_ request: Request) -> HTTPResponse {

@@ -6,6 +6,6 @@ enum HealthEndpoints {
     }
 
     static func readiness(state: ServerState) -> HTTPResponse {
-        state.ready.load(ordering: .relaxed) ? .text(.ok, "ready\n") : .text(.serviceUnavailable, "not ready\n")
+        state.isReady ? .text(.ok, "ready\n") : .text(.serviceUnavailable, "not ready\n")
     }
 }

@@ -49,4 +49,22 @@ public struct ServerConfiguration: Sendable {
     public var eventLoopThreads = System.coreCount
 
     public init() {}
+    /// Where the usage ledger lives (`--state-dir`); nil keeps counts in memory only.
+    public var stateDirectory: String? = nil
+    /// When a counted callback is acknowledged: after its commit (`always`) or at once, with
+    /// commits every `fsyncInterval` (`interval`).
+    public var fsync: FsyncMode = .always
+    public var fsyncInterval: TimeAmount = .seconds(1)
+    /// Hourly buckets older than this are deleted from the ledger.
+    public var ledgerRetentionDays = 400
+    /// The header whose value identifies a callback for deduplication; nil turns it off.
+    public var dedupeHeader: String? = "x-request-id"
+    /// A repeated request id is caught for this long after it was counted.
+    public var dedupeWindow: TimeAmount = .seconds(600)
+    /// Request ids remembered at most; the oldest are forgotten first.
+    public var dedupeMaxIDs = 1_000_000
+}
+
+public enum FsyncMode: String, Sendable, CaseIterable {
+    case always, interval
 }

@@ -30,12 +30,15 @@ final class ServerState: Sendable {
     let runOffLoop: OffLoopRunner
     /// For labels configured with `hash: hmac-sha256`; the status page looks users up through it.
     let labelHasher: LabelHasher?
+    /// Commits counts to the ledger; nil without `--state-dir`.
+    let ledgerWriter: LedgerWriter?
 
     init(
         configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets,
-        runOffLoop: @escaping OffLoopRunner
+        ledgerWriter: LedgerWriter? = nil, runOffLoop: @escaping OffLoopRunner
     ) {
         self.runOffLoop = runOffLoop
+        self.ledgerWriter = ledgerWriter
         self.configuration = configuration
         self.logger = logger
         self.metrics = metrics
@@ -44,6 +47,27 @@ final class ServerState: Sendable {
         self.decoder = CallbackDecoder(schema: metrics.schema, maximumValueBytes: configuration.maxLabelBytes, hasher: self.labelHasher)
         self.recent = configuration.debugEnabled ? RecentCallbacks(capacity: 100) : nil
         self.status = configuration.debugEnabled ? StatusTracking() : nil
+    }
+}
+
+extension ServerState {
+    /// Counts an outcome in memory and, with a ledger, in its next commit.
+    func record(_ outcome: CallbackOutcome) {
+        self.metrics.record(outcome)
+        self.ledgerWriter?.record(outcome, at: LedgerWriter.now())
+    }
+
+    /// The digest of the callback's request id; nil without one (or without deduplication).
+    func requestIDDigest(_ head: HTTPRequestHead) -> UInt64? {
+        guard self.metrics.requestIDs != nil, let name = self.configuration.dedupeHeader,
+            let value = head.headers.first(name: name), !value.trimmingASCIISpaces().isEmpty
+        else { return nil }
+        return RequestIDWindow.digest(value)
+    }
+
+    /// Serving, and able to count: not starting or stopping, and the ledger (if any) committing.
+    var isReady: Bool {
+        self.ready.load(ordering: .relaxed) && !(self.metrics.ledger?.isFailing ?? false)
     }
 }
 
@@ -86,6 +110,8 @@ extension CallbackOutcome {
         case .unsupportedMediaType: .unsupportedMediaType
         case .methodNotAllowed: .methodNotAllowed
         case .unauthorized: .unauthorized
+        case .duplicate: .accepted
+        case .unavailable: .serviceUnavailable
         }
     }
 }

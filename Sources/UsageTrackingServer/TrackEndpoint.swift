@@ -54,29 +54,80 @@ enum TrackEndpoint {
             : [("www-authenticate", "Secret realm=\"usage-tracking\", header=\"\(name)\"")]
     }
 
-    /// Decodes and counts one callback. Returns nil when it was accepted (the caller writes the
-    /// prebuilt 202), or the rejection.
+    /// What became of a callback that decoded and validated.
+    enum Result {
+        /// Counted, or a repeat of a request id already counted: the prebuilt 202.
+        case accepted
+        case rejected(CallbackRejection)
+        /// `--fsync always`: the reply waits for the ledger's commit (see `committed`).
+        case committing(EventLoopFuture<LedgerWriter.Verdict>, Callback)
+    }
+
+    /// Decodes one callback and counts it, or hands it to the ledger to be counted once committed.
     /// `sender` is the peer's address, shown in the status page.
-    static func handle(_ head: HTTPRequestHead, body: ByteBuffer?, sender: String? = nil, state: ServerState) -> CallbackRejection? {
+    static func handle(_ head: HTTPRequestHead, body: ByteBuffer?, sender: String? = nil, state: ServerState, on eventLoop: EventLoop) -> Result {
         let contentType = head.headers.first(name: "content-type")
         // Headers the schema takes labels from (none in the built-in schema: no allocation).
         let headers = state.decoder.headerNames.map { head.headers.first(name: $0) }
         let decoded = (body ?? ByteBuffer()).withUnsafeReadableBytes { bytes in
-            Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType, headers: headers) }
+            Swift.Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType, headers: headers) }
         }
+        let callback: Callback
         switch decoded {
-        case .success(let callback):
-            state.metrics.count(callback)
-            state.metrics.record(.accepted)
-            state.status?.rates.record(.accepted)
-            let requestID = Self.requestID(head)
-            state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID, sender: sender))
-            // The metadata is an autoclosure: built only when debug logging is on.
-            state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID))
-            return nil
-        case .failure(let rejection):
-            return rejection
+        case .success(let decoded): callback = decoded
+        case .failure(let rejection): return .rejected(rejection)
         }
+        let digest = state.requestIDDigest(head)
+        if let writer = state.ledgerWriter, writer.mode == .always {
+            let series = state.metrics.resolve(callback)
+            return .committing(writer.commit(series, amounts: callback.amounts, digest: digest, on: eventLoop), callback)
+        }
+        let now = LedgerWriter.now()
+        if let digest, let window = state.metrics.requestIDs, !window.claim(digest, at: now) {
+            state.record(.duplicate)
+            Self.noteDuplicate(head, sender: sender, state: state)
+            return .accepted
+        }
+        let series = state.metrics.count(callback)
+        state.metrics.record(.accepted)
+        state.ledgerWriter?.record(series, amounts: callback.amounts, digest: digest, at: now)
+        Self.noteAccepted(callback, head, sender: sender, state: state)
+        return .accepted
+    }
+
+    /// After the ledger's commit (`always` mode, which counted the outcome with it): nil when the
+    /// 202 is due, or the refusal.
+    static func committed(
+        _ verdict: LedgerWriter.Verdict, _ callback: Callback, _ head: HTTPRequestHead, sender: String?, state: ServerState
+    ) -> CallbackRejection? {
+        switch verdict {
+        case .counted:
+            Self.noteAccepted(callback, head, sender: sender, state: state)
+            return nil
+        case .duplicate:
+            Self.noteDuplicate(head, sender: sender, state: state)
+            return nil
+        case .unavailable:
+            return CallbackRejection(.unavailable, ["the usage ledger cannot write to disk (see the service's log); this callback was not counted"])
+        }
+    }
+
+    private static func noteAccepted(_ callback: Callback, _ head: HTTPRequestHead, sender: String?, state: ServerState) {
+        state.status?.rates.record(.accepted)
+        let requestID = Self.requestID(head)
+        state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID, sender: sender))
+        // The metadata is an autoclosure: built only when debug logging is on.
+        state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID))
+    }
+
+    /// A repeated request id: answered 202 like the first, shown among the refused callbacks.
+    private static func noteDuplicate(_ head: HTTPRequestHead, sender: String?, state: ServerState) {
+        let header = state.configuration.dedupeHeader ?? ""
+        let id = head.headers.first(name: header)?.truncated(toUTF8Bytes: ClientText.echoedBytes) ?? ""
+        let seconds = state.configuration.dedupeWindow.nanoseconds / 1_000_000_000
+        let problem = "\(header) \(id) was counted within the last \(seconds) s; not counted again"
+        state.recent?.record(.init(time: wallClock(), status: 202, rejection: CallbackRejection(.duplicate, [problem]), requestID: Self.requestID(head), sender: sender))
+        state.logger.info("callback duplicate", metadata: ["outcome": "duplicate", "problems": .array([.string(problem)])])
     }
 
     /// The caller's request id as logged and shown: truncated, since the caller chooses it.
@@ -96,7 +147,7 @@ enum TrackEndpoint {
     /// Counts, records and logs a rejection and builds its reply.
     static func reply(to rejection: CallbackRejection, _ head: HTTPRequestHead, sender: String? = nil, state: ServerState) -> HTTPResponse {
         let status = rejection.outcome.status
-        state.metrics.record(rejection.outcome)
+        state.record(rejection.outcome)
         state.status?.rates.record(.refused)
         let requestID = Self.requestID(head)
         state.recent?.record(.init(time: wallClock(), status: Int(status.code), rejection: rejection, requestID: requestID, sender: sender))

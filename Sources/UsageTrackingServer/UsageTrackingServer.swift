@@ -54,14 +54,22 @@ public final class UsageTrackingServer: Sendable {
         if configuration.schema.needsHMACKey, configuration.labelHMACKey?.isEmpty ?? true {
             throw ConfigurationError.missingHMACKey
         }
+        let requestIDs = configuration.dedupeHeader.map { _ in
+            RequestIDWindow(window: configuration.dedupeWindow.nanoseconds / 1_000_000_000, maxIDs: configuration.dedupeMaxIDs)
+        }
         let metrics = UsageMetrics(
             schema: configuration.schema, newSeriesHoldNanoseconds: UInt64(max(0, configuration.newSeriesHold.nanoseconds)),
-            droppedLogLines: { LogLineWriter.standardOutput.dropped }
+            droppedLogLines: { LogLineWriter.standardOutput.dropped },
+            requestIDs: requestIDs, ledger: configuration.stateDirectory.map { _ in LedgerHealth() }
         )
+        // Counts come back from the ledger before the listener opens, so no scrape sees a reset.
+        let writer = try configuration.stateDirectory.map { directory in
+            try Self.openLedger(directory, configuration: configuration, metrics: metrics, logger: logger)
+        }
         let renderPool = NIOThreadPool(numberOfThreads: 1)
         renderPool.start()
         let state = ServerState(
-            configuration: configuration, logger: logger, metrics: metrics, secrets: secrets,
+            configuration: configuration, logger: logger, metrics: metrics, secrets: secrets, ledgerWriter: writer,
             runOffLoop: { eventLoop, work in renderPool.runIfActive(eventLoop: eventLoop, work) }
         )
         Self.logAuthentication(state)
@@ -93,6 +101,7 @@ public final class UsageTrackingServer: Sendable {
                 .bind(host: configuration.host, port: configuration.port)
                 .get()
         } catch {
+            await writer?.stop()
             try? await group.shutdownGracefully()
             try? await renderPool.shutdownGracefully()
             throw ListenError(host: configuration.host, port: configuration.port, underlying: error)
@@ -121,6 +130,41 @@ public final class UsageTrackingServer: Sendable {
         let address = "\(server.localAddress.ipAddress ?? configuration.host):\(server.localAddress.port ?? configuration.port)"
         logger.info("listening", metadata: ["address": "\(address)", "version": "\(UsageMetrics.version)"])
         return server
+    }
+
+    private static func openLedger(
+        _ directory: String, configuration: ServerConfiguration, metrics: UsageMetrics, logger: Logger
+    ) throws -> LedgerWriter {
+        let started = monotonicNanoseconds()
+        let ledger: UsageLedger
+        let restored: UsageLedger.Restored
+        do {
+            ledger = try UsageLedger(
+                directory: directory, families: metrics.families, seriesIDs: metrics.seriesIDs, retentionDays: configuration.ledgerRetentionDays
+            )
+            restored = try ledger.restore(into: metrics, requestIDs: metrics.requestIDs, now: LedgerWriter.now())
+        } catch {
+            throw StateDirectoryError(underlying: error)
+        }
+        logger.info(
+            "ledger restored",
+            metadata: [
+                "file": "\(ledger.path)", "series": "\(restored.series)", "request_ids": "\(restored.requestIDs)",
+                "seconds": "\(Double(monotonicNanoseconds() - started) / 1e9)", "fsync": "\(configuration.fsync.rawValue)",
+            ]
+        )
+        if restored.unexposedSeries > 0 {
+            logger.notice(
+                "the ledger holds series of metrics the config no longer has: kept in the ledger, not exposed",
+                metadata: ["series": "\(restored.unexposedSeries)", "metrics": .array(restored.unexposedMetrics.map { .string($0) })]
+            )
+        }
+        let writer = LedgerWriter(
+            ledger: ledger, mode: configuration.fsync, interval: configuration.fsyncInterval, metrics: metrics,
+            health: metrics.ledger!, logger: logger
+        )
+        writer.start()
+        return writer
     }
 
     /// Re-reads the secret file now (SIGHUP), as the watcher does when the file changes.
@@ -193,6 +237,8 @@ public final class UsageTrackingServer: Sendable {
         for channel in self.connections.all {
             try? await channel.close()
         }
+        // After the last callback, before the event loops that its futures complete on stop.
+        await self.state.ledgerWriter?.stop()
         try? await self.group.shutdownGracefully()
         try? await self.renderPool.shutdownGracefully()
         self.state.logger.info("stopped")
@@ -240,6 +286,12 @@ private final class OpenConnections: Sendable {
     }
 
     var all: [Channel] { self.channels.withLock { Array($0.values) } }
+}
+
+/// The state directory cannot be used; says which flag set it.
+struct StateDirectoryError: Error, CustomStringConvertible {
+    var underlying: any Error
+    var description: String { "--state-dir (USAGE_TRACKING_STATE_DIR): \(self.underlying)" }
 }
 
 /// A configuration the server cannot run with.

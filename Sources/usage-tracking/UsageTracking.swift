@@ -80,6 +80,30 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Seconds a new series is exposed as 0 before its count, 0 to 3600, so increase() sees its first requests; twice the scrape interval. (env: USAGE_TRACKING_NEW_SERIES_HOLD; default: 0)")
     var newSeriesHold: Int?
 
+    @Option(help: "Directory for the usage ledger (SQLite): counts survive restarts and crashes. Unset: memory only, and a restart loses everything not yet scraped. (env: USAGE_TRACKING_STATE_DIR; default: none)")
+    var stateDir: String?
+
+    @Option(help: "always: a callback is acknowledged once its count is on disk; interval: at once, with a commit every --fsync-interval (a crash loses up to that). (env: USAGE_TRACKING_FSYNC; default: always)")
+    var fsync: String?
+
+    @Option(parsing: .unconditional, help: "Seconds between commits in --fsync interval mode, 1 to 60. (env: USAGE_TRACKING_FSYNC_INTERVAL; default: 1)")
+    var fsyncInterval: Int?
+
+    @Option(parsing: .unconditional, help: "Days of hourly usage the ledger keeps, 1 to 36500. (env: USAGE_TRACKING_LEDGER_RETENTION_DAYS; default: 400)")
+    var ledgerRetentionDays: Int?
+
+    @Option(help: "Header whose value identifies a callback: a repeat within --dedupe-window is answered 202 and not counted. (env: USAGE_TRACKING_DEDUPE_HEADER; default: x-request-id)")
+    var dedupeHeader: String?
+
+    @Flag(help: "Count every callback, repeated request ids included. (env: USAGE_TRACKING_NO_DEDUPE=true)")
+    var noDedupe = false
+
+    @Option(parsing: .unconditional, help: "Seconds a request id is remembered, 1 to 86400. (env: USAGE_TRACKING_DEDUPE_WINDOW; default: 600)")
+    var dedupeWindow: Int?
+
+    @Option(parsing: .unconditional, help: "Request ids remembered at most (about 32 bytes each), 1 to 100000000; beyond it the oldest are forgotten early. (env: USAGE_TRACKING_DEDUPE_MAX_IDS; default: 1000000)")
+    var dedupeMaxIds: Int?
+
     func run() async throws {
         // Logs go to a pipe that may close; a write to it must fail, not kill the process.
         Glibc.signal(SIGPIPE, SIG_IGN)
@@ -158,6 +182,25 @@ struct UsageTracking: AsyncParsableCommand {
                 config.labelHMACKey = key
             }
         }
+        config.stateDirectory = self.stateDir ?? env.string("USAGE_TRACKING_STATE_DIR")
+        if let mode = self.fsync ?? env.string("USAGE_TRACKING_FSYNC") {
+            guard let parsed = FsyncMode(rawValue: mode) else {
+                throw ValidationError("--fsync (USAGE_TRACKING_FSYNC) must be always or interval, got '\(mode)'")
+            }
+            config.fsync = parsed
+        }
+        config.fsyncInterval = try seconds(self.fsyncInterval, "fsync-interval", "USAGE_TRACKING_FSYNC_INTERVAL", 1...60) ?? config.fsyncInterval
+        config.ledgerRetentionDays = try number(self.ledgerRetentionDays, "ledger-retention-days", "USAGE_TRACKING_LEDGER_RETENTION_DAYS", 1...36500) ?? config.ledgerRetentionDays
+        if try self.noDedupe || env.boolean("USAGE_TRACKING_NO_DEDUPE") {
+            config.dedupeHeader = nil
+        } else if let header = self.dedupeHeader ?? env.string("USAGE_TRACKING_DEDUPE_HEADER") {
+            guard header.utf8.allSatisfy(isHeaderNameByte) else {
+                throw ValidationError("--dedupe-header (USAGE_TRACKING_DEDUPE_HEADER) must be a header name, got '\(header)'")
+            }
+            config.dedupeHeader = header
+        }
+        config.dedupeWindow = try seconds(self.dedupeWindow, "dedupe-window", "USAGE_TRACKING_DEDUPE_WINDOW", 1...86400) ?? config.dedupeWindow
+        config.dedupeMaxIDs = try number(self.dedupeMaxIds, "dedupe-max-ids", "USAGE_TRACKING_DEDUPE_MAX_IDS", 1...100_000_000) ?? config.dedupeMaxIDs
         if config.schema.needsHMACKey, config.labelHMACKey == nil {
             throw ValidationError("\(config.schemaFile ?? "the config"): a label has 'hash: hmac-sha256' but --label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE) is not set")
         }

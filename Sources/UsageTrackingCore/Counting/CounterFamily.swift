@@ -29,6 +29,8 @@ public typealias LabelValues = [String]
 ///   distinct series, each exposed with exactly the bytes it was counted under.
 /// - Ordering: `snapshot` returns series sorted by the bytes of their label values, so exposition
 ///   is stable and agrees with identity.
+/// - Ids: each series gets an id from `ids` when created (or restored), shared by every family,
+///   so the ledger can name a series by one integer (see `UsageLedger`).
 /// - Counts only grow. Series are never removed while the process runs.
 public final class CounterFamily: Sendable {
     public let name: String
@@ -43,11 +45,14 @@ public final class CounterFamily: Sendable {
     private let stripes: [Stripe]
     private let budget: Mutex<Budget>
     private let overflowKey: SeriesKey
+    private let ids: SeriesIDs
 
     private struct Series {
         var count: UInt64
-        /// The clock's reading when it was created (0 when no hold is set).
+        /// The clock's reading when it was created (0 when no hold is set, and for restored
+        /// series, which Prometheus has seen before).
         let created: UInt64
+        let id: Int64
     }
 
     private final class Stripe: Sendable {
@@ -64,7 +69,7 @@ public final class CounterFamily: Sendable {
 
     /// Label values with their hash computed once: it picks the stripe and keys the dictionary.
     /// Hash and equality both use the UTF-8 bytes (see Identity above).
-    private struct SeriesKey: Hashable {
+    struct SeriesKey: Hashable, Sendable {
         let labels: LabelValues
         let hash: Int
 
@@ -90,7 +95,7 @@ public final class CounterFamily: Sendable {
     public init(
         name: String, help: String, labelNames: [String], stripes: Int = 16, maxSeries: Int = .max, maxValues: [Int]? = nil,
         freeValues: [Set<String>]? = nil, newSeriesHoldNanoseconds: UInt64 = 0,
-        clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds
+        clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds, ids: SeriesIDs = SeriesIDs()
     ) {
         precondition(stripes > 0)
         self.name = name
@@ -105,27 +110,54 @@ public final class CounterFamily: Sendable {
         self.stripes = (0..<stripes).map { _ in Stripe() }
         self.budget = Mutex(Budget(values: labelNames.map { _ in [] }, labelOverflows: labelNames.map { _ in 0 }))
         self.overflowKey = SeriesKey(labelNames.map { _ in MeteringSchema.overflowValue })
+        self.ids = ids
     }
 
-    public func increment(_ labelValues: LabelValues, by amount: UInt64 = 1) {
+    /// Adds `amount` to the series of `labelValues` (or the one the budgets fold it into) and
+    /// returns that series. `amount` 0 finds or creates the series without counting anything.
+    @discardableResult
+    public func increment(_ labelValues: LabelValues, by amount: UInt64 = 1) -> SeriesHandle {
         precondition(labelValues.count == self.labelNames.count, "\(self.name): wrong number of label values")
         let key = SeriesKey(labelValues)
-        if Self.add(amount, to: key, in: self.stripe(for: key)) { return }
-        self.insert(labelValues, amount)
+        if let id = Self.add(amount, to: key, in: self.stripe(for: key)) { return SeriesHandle(id: id, key: key) }
+        return self.insert(labelValues, amount)
     }
 
-    /// Adds to an existing series; false when there is none.
-    private static func add(_ amount: UInt64, to key: SeriesKey, in stripe: Stripe) -> Bool {
+    /// Adds to a series returned by `increment` (the ledger counts a callback only once it is
+    /// committed).
+    public func add(_ amount: UInt64, to series: SeriesHandle) {
+        let added = Self.add(amount, to: series.key, in: self.stripe(for: series.key))
+        precondition(added != nil, "\(self.name): a series handle from another family")
+    }
+
+    /// Adds to an existing series and returns its id; nil when there is none.
+    private static func add(_ amount: UInt64, to key: SeriesKey, in stripe: Stripe) -> Int64? {
         stripe.series.withLock { series in
-            guard let index = series.index(forKey: key) else { return false }
+            guard let index = series.index(forKey: key) else { return nil }
             series.values[index].count &+= amount
-            return true
+            return series.values[index].id
+        }
+    }
+
+    /// Puts back a series read from the ledger at startup, with its id and count, before any
+    /// callback arrives. Its values count against the budgets, but it is never folded (it
+    /// exists already), and it is not held at 0 (Prometheus has seen it before).
+    public func restore(_ labelValues: LabelValues, count: UInt64, id: Int64) {
+        precondition(labelValues.count == self.labelNames.count, "\(self.name): wrong number of label values")
+        let key = SeriesKey(labelValues)
+        self.budget.withLock { budget in
+            if key != self.overflowKey { budget.series += 1 }
+            for index in labelValues.indices where self.maxValues[index] < .max {
+                let value = ExactString(labelValues[index])
+                if value.value != MeteringSchema.overflowValue, !self.freeValues[index].contains(value) { budget.values[index].insert(value) }
+            }
+            self.stripe(for: key).series.withLock { $0[key] = Series(count: count, created: 0, id: id) }
         }
     }
 
     /// A series not seen before: spends the budgets, or folds into `__other__`. Serialised by the
     /// budget lock, so two callbacks creating the same series cannot both create it.
-    private func insert(_ labelValues: LabelValues, _ amount: UInt64) {
+    private func insert(_ labelValues: LabelValues, _ amount: UInt64) -> SeriesHandle {
         self.budget.withLock { budget in
             var labels = labelValues
             var newValues: [(label: Int, value: ExactString)] = []
@@ -141,17 +173,19 @@ public final class CounterFamily: Sendable {
             }
             var key = SeriesKey(labels)
             // Folding may have led to a series that exists; so may a callback that raced this one.
-            if Self.add(amount, to: key, in: self.stripe(for: key)) { return }
+            if let id = Self.add(amount, to: key, in: self.stripe(for: key)) { return SeriesHandle(id: id, key: key) }
             if budget.series >= self.maxSeries {
                 budget.seriesOverflows &+= 1
                 key = self.overflowKey
-                if Self.add(amount, to: key, in: self.stripe(for: key)) { return }
+                if let id = Self.add(amount, to: key, in: self.stripe(for: key)) { return SeriesHandle(id: id, key: key) }
             } else {
                 budget.series += 1
                 for (index, value) in newValues { budget.values[index].insert(value) }
             }
             let created = self.newSeriesHold > 0 ? self.clock() : 0
-            self.stripe(for: key).series.withLock { $0[key] = Series(count: amount, created: created) }
+            let id = self.ids.next()
+            self.stripe(for: key).series.withLock { $0[key] = Series(count: amount, created: created, id: id) }
+            return SeriesHandle(id: id, key: key)
         }
     }
 
@@ -209,7 +243,7 @@ public final class CounterFamily: Sendable {
                 all.reserveCapacity(all.count + series.count)
                 for (key, value) in series {
                     // Young series read 0: see Hold above.
-                    let young = hold > 0 && (value.created > now || now - value.created < hold)
+                    let young = hold > 0 && value.created != 0 && (value.created > now || now - value.created < hold)
                     all.append((key.labels, young ? 0 : value.count))
                 }
             }
@@ -236,6 +270,28 @@ public final class CounterFamily: Sendable {
         merged.append(contentsOf: all[left..<firstNonASCII])
         merged.append(contentsOf: all[right...])
         return merged
+    }
+}
+
+/// One series as counted: its labels after the budgets had their say, and its id.
+public struct SeriesHandle: Sendable {
+    public let id: Int64
+    let key: CounterFamily.SeriesKey
+    public var labels: LabelValues { self.key.labels }
+}
+
+/// Hands out series ids, unique across every family of a process and, once the ledger has
+/// advanced it past what it holds, across restarts.
+public final class SeriesIDs: Sendable {
+    private let last = Atomic<Int64>(0)
+
+    public init() {}
+
+    func next() -> Int64 { self.last.wrappingAdd(1, ordering: .relaxed).newValue }
+
+    /// Makes every later id greater than `id` (ids read back from the ledger).
+    public func advance(past id: Int64) {
+        _ = self.last.max(id, ordering: .relaxed)
     }
 }
 

@@ -59,6 +59,10 @@ public enum CallbackOutcome: String, Sendable, CaseIterable {
     case unsupportedMediaType = "unsupported_media_type"
     case methodNotAllowed = "method_not_allowed"
     case unauthorized
+    /// A repeat of a request id counted within the dedupe window: answered 202, not counted.
+    case duplicate
+    /// The ledger could not commit (`always` mode): answered 503, not counted.
+    case unavailable
 
     /// Position in `allCases`, without building that array on every call.
     var index: Int {
@@ -70,6 +74,8 @@ public enum CallbackOutcome: String, Sendable, CaseIterable {
         case .unsupportedMediaType: 4
         case .methodNotAllowed: 5
         case .unauthorized: 6
+        case .duplicate: 7
+        case .unavailable: 8
         }
     }
 }
@@ -97,6 +103,8 @@ public struct CallbackRejection: Error, Sendable, Equatable {
         case .unsupportedMediaType: "unsupported media type"
         case .methodNotAllowed: "method not allowed"
         case .unauthorized: "unauthorized"
+        case .duplicate: "duplicate"
+        case .unavailable: "ledger unavailable"
         }
     }
 }

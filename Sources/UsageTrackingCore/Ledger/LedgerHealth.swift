@@ -1,0 +1,26 @@
+import Synchronization
+
+/// What `/metrics` and `/readyz` report of the ledger; the server's writer updates it.
+public final class LedgerHealth: Sendable {
+    private let failures = Atomic<UInt64>(0)
+    private let lastCommitSeconds = Atomic<UInt64>(0)
+    private let failing = Atomic<Bool>(false)
+
+    public init() {}
+
+    public var errors: UInt64 { self.failures.load(ordering: .relaxed) }
+    /// Unix time of the last successful commit, 0 before the first.
+    public var lastCommit: UInt64 { self.lastCommitSeconds.load(ordering: .relaxed) }
+    /// True from a failed commit until the next one succeeds.
+    public var isFailing: Bool { self.failing.load(ordering: .relaxed) }
+
+    public func committed(at time: Int64) {
+        self.lastCommitSeconds.store(UInt64(max(0, time)), ordering: .relaxed)
+        self.failing.store(false, ordering: .relaxed)
+    }
+
+    public func failed() {
+        self.failures.wrappingAdd(1, ordering: .relaxed)
+        self.failing.store(true, ordering: .relaxed)
+    }
+}

@@ -1,0 +1,372 @@
+import GRDB
+import GRDBSQLite
+import Glibc
+
+/// The usage ledger: every counted increment of every family and of
+/// `usage_tracking_callbacks_total`, in a SQLite database in the state directory.
+///
+/// Storage contract:
+/// - Files: `usage.sqlite` (with SQLite's `-wal` and `-shm` beside it) and `usage.lock`. One
+///   process owns a directory: `usage.lock` is held with `flock` for the process's life (the
+///   kernel drops it when the process dies, `kill -9` included) and names its holder.
+/// - Durability: WAL journal, `synchronous = FULL`, so a `commit` that returns is on disk. What
+///   is committed survives a crash of the process or of the machine; what was not is lost whole
+///   (a batch is one transaction).
+/// - Contents (README, "The ledger"): `metric` (name and label names), `series` (labels as a JSON
+///   object and the running total, which is what `/metrics` exposes), `usage_hourly` (what each
+///   series counted in each UTC hour, kept `retentionDays`), `request_id` (digests of request ids
+///   within the dedupe window), `ledger_state` (time of the last commit).
+/// - Startup never loses a count silently: a file that is not a SQLite database, a database that
+///   fails SQLite's `quick_check`, or one written by a newer version stops the process with a
+///   message naming the file, and the files are left as they were (the checks read through a
+///   read-only, immutable connection before anything opens the file for writing).
+/// - Concurrency: not thread-safe; the server's writer thread is its only user after startup.
+///   Readers such as `sqlite3` may read while it runs (WAL).
+/// - Disk: bounded by series, series-hours within the retention, and ids within the dedupe
+///   window; SQLite checkpoints the WAL every 1000 pages and truncates it to 64 MiB at most.
+public final class UsageLedger {
+    public static let databaseName = "usage.sqlite"
+    public static let lockName = "usage.lock"
+    /// The schema this build writes; a database with a higher `user_version` is refused.
+    public static let schemaVersion = 1
+
+    public let path: String
+    private let queue: DatabaseQueue
+    private let lock: DirectoryLock
+    private let families: [CounterFamily]
+    private let seriesIDs: SeriesIDs
+    private let retention: Int64
+    /// `metric.id` of each family, and of `usage_tracking_callbacks_total`.
+    private var metricIDs: [Int64] = []
+    private var outcomesMetricID: Int64 = 0
+    /// The series id of each outcome of `usage_tracking_callbacks_total`.
+    private var outcomeSeries: [CallbackOutcome: Int64] = [:]
+    /// Series ids that have a row in `series`; the others are inserted by the next commit.
+    private var stored = IDSet()
+    private var lastPrune: Int64 = 0
+    /// Request ids are kept this long (the dedupe window), 0 without dedupe.
+    private var requestIDWindow: Int64 = 0
+
+    /// Takes the directory (creating it), checks what is there and opens it for writing.
+    public init(directory: String, families: [CounterFamily], seriesIDs: SeriesIDs, retentionDays: Int) throws(LedgerError) {
+        self.families = families
+        self.seriesIDs = seriesIDs
+        self.retention = Int64(retentionDays) * 86_400
+        self.path = directory.hasSuffix("/") ? directory + Self.databaseName : directory + "/" + Self.databaseName
+        if mkdir(directory, 0o700) != 0, errno != EEXIST {
+            throw .unusableDirectory(directory, "cannot create it: \(String(cString: strerror(errno)))")
+        }
+        self.lock = try DirectoryLock(directory: directory, name: Self.lockName)
+        try Self.check(self.path)
+        do {
+            var config = Configuration()
+            config.journalMode = .wal
+            // The schema's REFERENCES document the tables; checking them would cost every insert.
+            config.foreignKeysEnabled = false
+            config.prepareDatabase { db in
+                // Temporary files in memory: the root filesystem may be read-only.
+                try db.execute(sql: "PRAGMA synchronous = FULL; PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = 67108864")
+            }
+            self.queue = try DatabaseQueue(path: self.path, configuration: config)
+            try self.queue.writeWithoutTransaction { db in try Self.migrate(db) }
+        } catch {
+            throw Self.failure(self.path, error)
+        }
+    }
+
+    /// What `restore` found.
+    public struct Restored: Sendable {
+        public var series = 0
+        public var requestIDs = 0
+        /// Series of metrics (or label sets) the current config no longer has: kept in the
+        /// ledger, not exposed.
+        public var unexposedSeries = 0
+        public var unexposedMetrics: [String] = []
+    }
+
+    /// Puts the ledger's totals back into `metrics` and its recent request ids into `requestIDs`,
+    /// before any callback arrives. `now` is wall-clock seconds.
+    @discardableResult
+    public func restore(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64) throws(LedgerError) -> Restored {
+        self.requestIDWindow = requestIDs?.window ?? 0
+        do {
+            return try self.queue.writeWithoutTransaction { db in
+                var restored = Restored()
+                var maxID = try Int64.fetchOne(db, sql: "SELECT max(id) FROM series") ?? 0
+                self.seriesIDs.advance(past: maxID)
+                try db.inTransaction(.immediate) {
+                    self.metricIDs = try self.families.map { try Self.metricID(db, name: $0.name, labels: $0.labelNames) }
+                    self.outcomesMetricID = try Self.metricID(db, name: UsageMetrics.callbacksName, labels: ["outcome"])
+                    return .commit
+                }
+                for (index, family) in self.families.enumerated() {
+                    let rows = try Row.fetchCursor(db, sql: "SELECT id, labels, total FROM series WHERE metric_id = ?", arguments: [self.metricIDs[index]])
+                    while let row = try rows.next() {
+                        let id: Int64 = row[0]
+                        let text: String = row[1]
+                        let total: Int64 = row[2]
+                        guard let labels = LabelsJSON.decode(text, names: family.labelNames) else {
+                            throw LedgerError.damaged(self.path, "series \(id) of \(family.name) has labels that do not read back: \(text.prefix(200))")
+                        }
+                        family.restore(labels, count: UInt64(bitPattern: total), id: id)
+                        self.stored.insert(id)
+                        restored.series += 1
+                    }
+                }
+                let outcomes = try Row.fetchCursor(db, sql: "SELECT id, labels, total FROM series WHERE metric_id = ?", arguments: [self.outcomesMetricID])
+                while let row = try outcomes.next() {
+                    let id: Int64 = row[0]
+                    if let labels = LabelsJSON.decode(row[1], names: ["outcome"]), let outcome = CallbackOutcome(rawValue: labels[0]) {
+                        metrics.restore(outcome, count: UInt64(bitPattern: row[2] as Int64))
+                        self.outcomeSeries[outcome] = id
+                        self.stored.insert(id)
+                    }
+                }
+                for outcome in CallbackOutcome.allCases where self.outcomeSeries[outcome] == nil {
+                    maxID += 1
+                    self.seriesIDs.advance(past: maxID)
+                    self.outcomeSeries[outcome] = maxID
+                }
+                let current = Set(self.metricIDs + [self.outcomesMetricID])
+                for row in try Row.fetchAll(db, sql: "SELECT m.id, m.name, m.labels, count(s.id) FROM metric m LEFT JOIN series s ON s.metric_id = m.id GROUP BY m.id") {
+                    let id: Int64 = row[0]
+                    guard !current.contains(id) else { continue }
+                    restored.unexposedSeries += row[3] as Int
+                    restored.unexposedMetrics.append("\(row[1] as String)\(row[2] as String)")
+                }
+                if let requestIDs {
+                    let ids = try Row.fetchCursor(db, sql: "SELECT digest, seen FROM request_id WHERE seen > ? ORDER BY seen", arguments: [now - requestIDs.window])
+                    while let row = try ids.next() {
+                        requestIDs.restore(UInt64(bitPattern: row[0] as Int64), at: row[1])
+                        restored.requestIDs += 1
+                    }
+                }
+                return restored
+            }
+        } catch let error as LedgerError {
+            throw error
+        } catch {
+            throw Self.failure(self.path, error)
+        }
+    }
+
+    /// Writes `batch` in one transaction and returns once it is on disk; on error nothing of it
+    /// is written and the caller keeps it. `now` is wall-clock seconds.
+    public func commit(_ batch: LedgerBatch, now: Int64) throws(LedgerError) {
+        var inserted: [Int64] = []
+        do {
+            try self.queue.writeWithoutTransaction { db in
+                try db.inTransaction(.immediate) {
+                    inserted.removeAll()
+                    let insertSeries = try db.cachedStatement(sql: "INSERT INTO series (id, metric_id, labels, total) VALUES (?, ?, ?, ?)")
+                    let addToSeries = try db.cachedStatement(sql: "UPDATE series SET total = total + ? WHERE id = ?")
+                    let addToHour = try db.cachedStatement(sql: """
+                        INSERT INTO usage_hourly (series_id, hour, amount) VALUES (?, ?, ?)
+                        ON CONFLICT (series_id, hour) DO UPDATE SET amount = amount + excluded.amount
+                        """)
+                    for (id, total) in batch.totals {
+                        if self.stored.contains(id) {
+                            try addToSeries.execute(arguments: [Int64(bitPattern: total.amount), id])
+                        } else {
+                            let labels = LabelsJSON.encode(total.series.labels, names: self.families[total.family].labelNames)
+                            try insertSeries.execute(arguments: [id, self.metricIDs[total.family], labels, Int64(bitPattern: total.amount)])
+                            inserted.append(id)
+                        }
+                    }
+                    for (key, amount) in batch.hourly {
+                        try addToHour.execute(arguments: [key.id, key.hour, Int64(bitPattern: amount)])
+                    }
+                    var outcomeTotals: [CallbackOutcome: UInt64] = [:]
+                    for (key, count) in batch.outcomes {
+                        outcomeTotals[key.outcome, default: 0] &+= count
+                        try addToHour.execute(arguments: [self.outcomeSeries[key.outcome]!, key.hour, Int64(bitPattern: count)])
+                    }
+                    for (outcome, count) in outcomeTotals {
+                        let id = self.outcomeSeries[outcome]!
+                        if self.stored.contains(id) || inserted.contains(id) {
+                            try addToSeries.execute(arguments: [Int64(bitPattern: count), id])
+                        } else {
+                            let labels = LabelsJSON.encode([outcome.rawValue], names: ["outcome"])
+                            try insertSeries.execute(arguments: [id, self.outcomesMetricID, labels, Int64(bitPattern: count)])
+                            inserted.append(id)
+                        }
+                    }
+                    let recordID = try db.cachedStatement(sql: """
+                        INSERT INTO request_id (digest, seen) VALUES (?, ?) ON CONFLICT (digest) DO UPDATE SET seen = excluded.seen
+                        """)
+                    for (digest, seen) in batch.requestIDs {
+                        try recordID.execute(arguments: [Int64(bitPattern: digest), seen])
+                    }
+                    try db.cachedStatement(sql: "UPDATE ledger_state SET value = ? WHERE key = 'last_commit'").execute(arguments: [now])
+                    if now - self.lastPrune >= 60 {
+                        try db.execute(sql: "DELETE FROM usage_hourly WHERE hour < ?", arguments: [LedgerBatch.hour(of: now) - self.retention])
+                        try db.execute(sql: "DELETE FROM request_id WHERE seen <= ?", arguments: [now - self.requestIDWindow])
+                    }
+                    return .commit
+                }
+            }
+        } catch {
+            throw Self.failure(self.path, error)
+        }
+        if now - self.lastPrune >= 60 { self.lastPrune = now }
+        for id in inserted { self.stored.insert(id) }
+    }
+
+    /// Checkpoints and truncates the WAL, so the directory holds one file at rest, and releases
+    /// the directory.
+    public func close() {
+        _ = try? self.queue.writeWithoutTransaction { db in try db.checkpoint(.truncate) }
+        try? self.queue.close()
+        self.lock.release()
+    }
+
+    // MARK: schema
+
+    private static func migrate(_ db: Database) throws {
+        let version = try Int.fetchOne(db, sql: "PRAGMA user_version") ?? 0
+        guard version < Self.schemaVersion else { return }
+        try db.inTransaction(.immediate) {
+            try db.execute(sql: """
+                CREATE TABLE metric (
+                    id INTEGER PRIMARY KEY,
+                    name TEXT NOT NULL,
+                    labels TEXT NOT NULL,               -- JSON array of label names, in order
+                    UNIQUE (name, labels)
+                );
+                CREATE TABLE series (
+                    id INTEGER PRIMARY KEY,
+                    metric_id INTEGER NOT NULL REFERENCES metric (id),
+                    labels TEXT NOT NULL,               -- JSON object, label name to value
+                    total INTEGER NOT NULL,             -- the counter as /metrics exposes it
+                    UNIQUE (metric_id, labels)
+                );
+                CREATE TABLE usage_hourly (
+                    series_id INTEGER NOT NULL REFERENCES series (id),
+                    hour INTEGER NOT NULL,              -- Unix time of the UTC hour's start
+                    amount INTEGER NOT NULL,            -- counted in that hour
+                    PRIMARY KEY (series_id, hour)
+                ) WITHOUT ROWID;
+                CREATE INDEX usage_hourly_by_hour ON usage_hourly (hour);
+                CREATE TABLE request_id (
+                    digest INTEGER PRIMARY KEY,         -- first 8 bytes of the id's SHA-256
+                    seen INTEGER NOT NULL               -- Unix time it was counted
+                );
+                CREATE TABLE ledger_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                INSERT INTO ledger_state VALUES ('last_commit', 0);
+                PRAGMA user_version = 1;
+                """)
+            return .commit
+        }
+    }
+
+    private static func metricID(_ db: Database, name: String, labels: [String]) throws -> Int64 {
+        let names = JSONText.array(labels.map { .string($0) }).serialized
+        if let id = try Int64.fetchOne(db, sql: "SELECT id FROM metric WHERE name = ? AND labels = ?", arguments: [name, names]) { return id }
+        try db.execute(sql: "INSERT INTO metric (name, labels) VALUES (?, ?)", arguments: [name, names])
+        return db.lastInsertedRowID
+    }
+
+    // MARK: checks
+
+    /// Refuses a file that is not a database this build can continue, reading it without
+    /// changing it: the header by hand, then SQLite on an immutable, read-only connection.
+    private static func check(_ path: String) throws(LedgerError) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ENOENT { return }
+            throw .unusableDirectory(path, "cannot read it: \(String(cString: strerror(errno)))")
+        }
+        var header = [UInt8](repeating: 0, count: 16)
+        let count = header.withUnsafeMutableBytes { read(fd, $0.baseAddress, 16) }
+        Glibc.close(fd)
+        // SQLite writes nothing until the first commit: an empty file has never held a count.
+        if count == 0 { return }
+        guard count == 16, header == Array("SQLite format 3\0".utf8) else {
+            throw .damaged(path, "not a SQLite database")
+        }
+        var connection: OpaquePointer?
+        defer { sqlite3_close_v2(connection) }
+        let uri = "file:" + Self.percentEncoded(path) + "?mode=ro&immutable=1"
+        guard sqlite3_open_v2(uri, &connection, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nil) == SQLITE_OK else {
+            throw .damaged(path, connection.map { String(cString: sqlite3_errmsg($0)) } ?? "cannot be opened")
+        }
+        func single(_ sql: String) throws(LedgerError) -> String {
+            var statement: OpaquePointer?
+            defer { sqlite3_finalize(statement) }
+            guard sqlite3_prepare_v2(connection, sql, -1, &statement, nil) == SQLITE_OK else {
+                throw .damaged(path, String(cString: sqlite3_errmsg(connection)))
+            }
+            let step = sqlite3_step(statement)
+            guard step == SQLITE_ROW else {
+                throw .damaged(path, String(cString: sqlite3_errmsg(connection)))
+            }
+            return sqlite3_column_text(statement, 0).map { String(cString: $0) } ?? ""
+        }
+        let version = Int(try single("PRAGMA user_version")) ?? 0
+        guard version <= Self.schemaVersion else {
+            throw .damaged(path, "written by a newer version (schema \(version); this build reads up to \(Self.schemaVersion))")
+        }
+        let integrity = try single("PRAGMA quick_check(1)")
+        guard integrity == "ok" else { throw .damaged(path, "fails SQLite's integrity check: \(integrity)") }
+    }
+
+    private static func percentEncoded(_ path: String) -> String {
+        var out = ""
+        for byte in path.utf8 {
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                UInt8(ascii: "/"), UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."):
+                out.unicodeScalars.append(Unicode.Scalar(byte))
+            default:
+                let hex = String(byte, radix: 16, uppercase: true)
+                out += "%" + (hex.count == 1 ? "0" + hex : hex)
+            }
+        }
+        return out
+    }
+
+    private static func failure(_ path: String, _ error: any Error) -> LedgerError {
+        if let error = error as? LedgerError { return error }
+        guard let error = error as? DatabaseError else { return .failed(path, "\(error)") }
+        let reason = "\(error.message ?? "\(error.resultCode)") (\(error.extendedResultCode))"
+        switch error.resultCode {
+        case .SQLITE_CORRUPT, .SQLITE_NOTADB: return .damaged(path, reason)
+        default: return .failed(path, reason)
+        }
+    }
+}
+
+/// Why the ledger cannot start or cannot commit. Each names the file or directory.
+public enum LedgerError: Error, CustomStringConvertible, Equatable {
+    case unusableDirectory(String, String)
+    case locked(String, String)
+    case damaged(String, String)
+    case failed(String, String)
+
+    public var description: String {
+        switch self {
+        case .unusableDirectory(let path, let reason): "\(path): \(reason)"
+        case .locked(let path, let holder): "\(path) is held by another process (\(holder)); one process per state directory"
+        case .damaged(let path, let reason):
+            "\(path): \(reason); refusing to start from zero. The files are left as they were: restore a backup, or move them aside to start a new ledger"
+        case .failed(let path, let reason): "\(path): \(reason)"
+        }
+    }
+}
+
+/// Series ids that are stored, as bits: ids are dense from 1, so a million series take 125 KB.
+struct IDSet {
+    private var words: [UInt64] = []
+
+    func contains(_ id: Int64) -> Bool {
+        let index = Int(id >> 6)
+        return id >= 0 && index < self.words.count && self.words[index] & (1 << UInt64(id & 63)) != 0
+    }
+
+    mutating func insert(_ id: Int64) {
+        precondition(id >= 0)
+        let index = Int(id >> 6)
+        if index >= self.words.count { self.words += [UInt64](repeating: 0, count: index - self.words.count + 1 + self.words.count / 2) }
+        self.words[index] |= 1 << UInt64(id & 63)
+    }
+}

@@ -1,0 +1,234 @@
+import Dispatch
+import Glibc
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+import UsageTrackingCore
+
+/// The ledger's only user after startup: one thread that commits what the callbacks counted.
+///
+/// Contract:
+/// - `always` mode: a callback is handed over with `commit` and its reply waits on the future;
+///   the event loop goes on serving others. The thread takes everything handed over since its
+///   last commit, from every connection and event loop, decides duplicates in arrival order,
+///   writes it all in one transaction, and only then counts it in memory and completes the
+///   futures: a 202 means the count is on disk, and `/metrics` never shows a count the ledger
+///   does not hold. A failed commit completes them with `.unavailable` (503, not counted) and
+///   gives their request ids back, so a retry counts.
+/// - `interval` mode: callbacks are counted in memory and acknowledged at once, and `record`
+///   adds them to a batch committed every `--fsync-interval`; a failed batch is kept (summed, so
+///   it grows with distinct series and hours, not with callbacks) and retried.
+/// - Outcomes other than accepted and duplicate are counted in memory by the event loop and
+///   reach the ledger with the next commit, in both modes.
+/// - Health: a failed commit marks the ledger failing (`/readyz` 503, `ledger_errors_total`),
+///   logs an error (then at most every 10 s while it lasts); the thread retries every second,
+///   with no traffic needed, and the first success clears it. While healthy it commits at least
+///   every 30 s, so `ledger_last_commit_timestamp_seconds` shows it is alive.
+/// - `stop` commits everything still pending, then closes the ledger.
+final class LedgerWriter: Sendable {
+    enum Verdict: Sendable {
+        case counted, duplicate, unavailable
+    }
+
+    private struct Waiter {
+        var series: [SeriesHandle?]
+        var amounts: [UInt64?]
+        var digest: UInt64?
+        var promise: EventLoopPromise<Verdict>
+    }
+
+    private struct Pending {
+        var waiters: [Waiter] = []
+        var batch: LedgerBatch
+        /// The thread is (about to be) waiting on `wake`.
+        var idle = false
+        var stopping = false
+    }
+
+    let mode: FsyncMode
+    private let interval: TimeAmount
+    private let metrics: UsageMetrics
+    private let health: LedgerHealth
+    private let logger: Logger
+    private let pending: Mutex<Pending>
+    private let wake = DispatchSemaphore(value: 0)
+    private let done = DispatchSemaphore(value: 0)
+    private let thread = NIOThreadPool(numberOfThreads: 1)
+    /// Used only by the writer thread (and by `start`'s caller before the thread runs).
+    private nonisolated(unsafe) let ledger: UsageLedger
+
+    static let heartbeat: Int64 = 30
+    static let retryDelay: Int64 = 1
+
+    init(ledger: UsageLedger, mode: FsyncMode, interval: TimeAmount, metrics: UsageMetrics, health: LedgerHealth, logger: Logger) {
+        self.ledger = ledger
+        self.mode = mode
+        self.interval = interval
+        self.metrics = metrics
+        self.health = health
+        self.logger = logger
+        self.pending = Mutex(Pending(batch: LedgerBatch(maxRequestIDs: metrics.requestIDs?.maxIDs ?? 0)))
+    }
+
+    /// Starts the thread.
+    func start() {
+        self.thread.start()
+        // The pool's one thread is the writer until `run` returns at `stop`.
+        self.thread.submit { _ in
+            self.run()
+            self.done.signal()
+        }
+    }
+
+    /// `always` mode: hands a resolved callback over; the future says what became of it.
+    func commit(_ series: [SeriesHandle?], amounts: [UInt64?], digest: UInt64?, on eventLoop: EventLoop) -> EventLoopFuture<Verdict> {
+        let promise = eventLoop.makePromise(of: Verdict.self)
+        let (signal, accepted) = self.pending.withLock { pending -> (Bool, Bool) in
+            guard !pending.stopping else { return (false, false) }
+            pending.waiters.append(Waiter(series: series, amounts: amounts, digest: digest, promise: promise))
+            defer { pending.idle = false }
+            return (pending.idle, true)
+        }
+        if signal { self.wake.signal() }
+        if !accepted { promise.succeed(.unavailable) }
+        return promise.futureResult
+    }
+
+    /// `interval` mode: a callback already counted in memory, to be committed with the batch.
+    func record(_ series: [SeriesHandle?], amounts: [UInt64?], digest: UInt64?, at time: Int64) {
+        self.pending.withLock { pending in
+            pending.batch.add(series, amounts: amounts, at: time)
+            pending.batch.add(.accepted, at: time)
+            if let digest { pending.batch.add(requestID: digest, seen: time) }
+        }
+    }
+
+    /// An outcome already counted in memory, to be committed with the next batch.
+    func record(_ outcome: CallbackOutcome, at time: Int64) {
+        self.pending.withLock { $0.batch.add(outcome, at: time) }
+    }
+
+    /// Commits what is pending, closes the ledger and ends the thread. Call once no callback can
+    /// arrive any more.
+    func stop() async {
+        self.pending.withLock { $0.stopping = true }
+        self.wake.signal()
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            DispatchQueue.global().async {
+                self.done.wait()
+                continuation.resume()
+            }
+        }
+        try? await self.thread.shutdownGracefully()
+    }
+
+    // MARK: the thread
+
+    private func run() {
+        var carried = LedgerBatch(maxRequestIDs: self.metrics.requestIDs?.maxIDs ?? 0)
+        var lastAttempt = Self.now()
+        var lastErrorLog: Int64 = 0
+        var failures = 0
+        while true {
+            let failing = self.health.isFailing
+            let wait: Int64 = failing ? Self.retryDelay : (self.mode == .interval ? Int64(self.interval.nanoseconds / 1_000_000_000) : Self.heartbeat)
+            let (waiters, fresh, stopping) = self.take(for: wait)
+            let now = Self.now()
+            var base = carried
+            base.merge(fresh)
+            // With nothing to write, commit only as the heartbeat or to find out if a failure is over.
+            if waiters.isEmpty, base.isEmpty, !stopping, !failing, now - lastAttempt < Self.heartbeat { continue }
+            lastAttempt = now
+            var batch = base
+            var verdicts: [Verdict] = []
+            var claimed: [UInt64] = []
+            var counted: UInt64 = 0
+            var duplicates: UInt64 = 0
+            verdicts.reserveCapacity(waiters.count)
+            for waiter in waiters {
+                if let digest = waiter.digest, let window = self.metrics.requestIDs {
+                    guard window.claim(digest, at: now) else {
+                        verdicts.append(.duplicate)
+                        duplicates += 1
+                        continue
+                    }
+                    claimed.append(digest)
+                    batch.add(requestID: digest, seen: now)
+                }
+                batch.add(waiter.series, amounts: waiter.amounts, at: now)
+                verdicts.append(.counted)
+                counted += 1
+            }
+            if counted > 0 { batch.add(.accepted, count: counted, at: now) }
+            if duplicates > 0 { batch.add(.duplicate, count: duplicates, at: now) }
+            do {
+                try self.ledger.commit(batch, now: now)
+                if failures > 0 {
+                    self.logger.notice("ledger commits succeed again", metadata: ["failed_attempts": "\(failures)"])
+                }
+                failures = 0
+                carried = LedgerBatch(maxRequestIDs: carried.maxRequestIDs)
+                for (waiter, verdict) in zip(waiters, verdicts) where verdict == .counted {
+                    self.metrics.add(waiter.series, amounts: waiter.amounts)
+                }
+                self.metrics.record(.accepted, count: counted)
+                self.metrics.record(.duplicate, count: duplicates)
+                self.health.committed(at: now)
+                for (waiter, verdict) in zip(waiters, verdicts) { waiter.promise.succeed(verdict) }
+            } catch {
+                self.health.failed()
+                failures += 1
+                for digest in claimed { self.metrics.requestIDs?.release(digest) }
+                // What was counted in memory already is kept for the retry; the callbacks that
+                // waited on this commit are refused and not counted.
+                carried = base
+                if failures == 1 || now - lastErrorLog >= 10 {
+                    lastErrorLog = now
+                    self.logger.error(
+                        "ledger commit failed; /readyz reports 503 until one succeeds",
+                        metadata: [
+                            "error": "\(error)", "mode": "\(self.mode.rawValue)", "refused_callbacks": "\(waiters.count)",
+                            "failed_attempts": "\(failures)",
+                        ]
+                    )
+                }
+                for waiter in waiters { waiter.promise.succeed(.unavailable) }
+            }
+            if stopping {
+                if !carried.isEmpty, failures < 3 {
+                    // A last chance for what shutdown would otherwise lose.
+                    usleep(500_000)
+                    continue
+                }
+                if !carried.isEmpty {
+                    self.logger.critical("ledger: counts not written at shutdown", metadata: ["callbacks": "\(carried.callbacks)"])
+                }
+                self.ledger.close()
+                return
+            }
+        }
+    }
+
+    /// Waits for callbacks handed over (`always` mode), for `seconds` or for `stop`, then takes
+    /// what is pending.
+    private func take(for seconds: Int64) -> (waiters: [Waiter], batch: LedgerBatch, stopping: Bool) {
+        let ready = self.pending.withLock { pending -> Bool in
+            let ready = !pending.waiters.isEmpty || pending.stopping
+            pending.idle = !ready
+            return ready
+        }
+        if !ready {
+            _ = self.wake.wait(timeout: .now() + .seconds(Int(seconds)))
+        }
+        return self.pending.withLock { pending in
+            pending.idle = false
+            let taken = (pending.waiters, pending.batch, pending.stopping)
+            pending.waiters = []
+            pending.batch = LedgerBatch(maxRequestIDs: pending.batch.maxRequestIDs)
+            return taken
+        }
+    }
+
+    static func now() -> Int64 { Int64(time(nil)) }
+}
