@@ -368,7 +368,7 @@ def rules_directory():
 
 
 @pytest.mark.parametrize("arguments,expected", [
-    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 13 rules found"),
+    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 16 rules found"),
     (["test", "rules", "prometheusrule-test.yaml"], "SUCCESS"),
 ])
 def test_promtool_on_the_rules(arguments, expected):
@@ -391,7 +391,7 @@ def test_every_alert_is_tested_firing_and_not_firing():
     firing = {case["alertname"] for case in cases if case["exp_alerts"]}
     silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
     names = {r["alert"] for r in alerts()}
-    assert len(names) == 10 and "UsageTrackingCallbacksStopped" in names
+    assert len(names) == 13 and {"UsageTrackingCallbacksStopped", "UsageTrackingLedgerStale"} <= names
     assert firing == silent == names
 
 
@@ -512,6 +512,19 @@ def test_rule_expression_runs_on_real_data(fed_prometheus, name, expr):
         assert result, f"{name} returned nothing"
         _, recorded = fed_prometheus.query(name)
         assert recorded, f"Prometheus has not recorded {name}"
+
+
+LEDGER_ALERTS = ["UsageTrackingDuplicateCallbacks", "UsageTrackingLedgerFailing", "UsageTrackingLedgerStale"]
+
+
+def test_ledger_alerts_are_silent_without_a_ledger(fed_prometheus):
+    """The base runs without --state-dir: no ledger metrics, so nothing to be stale about."""
+    rules = {r["alert"]: r["expr"] for r in alerts()}
+    for name in LEDGER_ALERTS:
+        status, result = fed_prometheus.query(rules[name])
+        assert status == "success" and result == [], (name, result)
+    _, exposed = fed_prometheus.query('{__name__=~"usage_tracking_ledger_.*"}')
+    assert exposed == []
 
 
 def dashboard_targets():
