@@ -91,6 +91,116 @@ def test_base_works_under_namespace_and_name_prefix_overlays(tmp_path, fields, n
     assert [v["configMap"]["name"] for v in pod["spec"]["volumes"] if "configMap" in v] == [configmap["metadata"]["name"]]
 
 
+LEDGER = os.path.join(DEPLOY, "examples", "ledger")
+LEDGER_OBJECTS = [("ConfigMap", "usage-tracking"), ("NetworkPolicy", "usage-tracking"),
+                  ("PodDisruptionBudget", "usage-tracking"), ("PrometheusRule", "usage-tracking"),
+                  ("Service", "usage-tracking"), ("Service", "usage-tracking-pods"),
+                  ("ServiceMonitor", "usage-tracking"), ("StatefulSet", "usage-tracking")]
+
+
+def ledger_objects(**fields):
+    """The base with the ledger Component, from an overlay as README shows it."""
+    with tempfile.TemporaryDirectory() as directory:
+        fields = {"resources": [os.path.relpath(DEPLOY, directory)],
+                  "components": [os.path.relpath(LEDGER, directory)], **fields}
+        with open(os.path.join(directory, "kustomization.yaml"), "w") as f:
+            yaml.safe_dump(fields, f)
+        return kustomize_objects(directory)
+
+
+def without(mapping, *keys):
+    return {k: v for k, v in mapping.items() if k not in keys}
+
+
+def test_ledger_component_replaces_the_deployment_with_a_statefulset():
+    assert summary(ledger_objects()) == [(kind, "llm-d", name) for kind, name in LEDGER_OBJECTS]
+    # On its own it must fail, not yield a StatefulSet beside the base's Deployment without its settings.
+    alone = subprocess.run([need("kubectl"), "kustomize", LEDGER], capture_output=True, text=True)
+    assert alone.returncode != 0 and "nothing selected by ConfigMap" in alone.stderr, alone.stdout + alone.stderr
+
+
+def test_ledger_keeps_each_replicas_counts_on_a_volume_of_its_own():
+    objects = ledger_objects()
+    config = one(objects, "ConfigMap")["data"]
+    spec = one(objects, "StatefulSet")["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    # One ReadWriteOnce claim per replica, on the cluster's default StorageClass unless told.
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "storageClassName" not in claim["spec"]
+    assert claim["metadata"]["name"] not in [v["name"] for v in pod["volumes"]]
+    # The binary writes its ledger where the claim is mounted, writable, and acknowledges only
+    # what is on disk.
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert config["USAGE_TRACKING_STATE_DIR"] == mount["mountPath"] == "/var/lib/usage-tracking"
+    assert not mount.get("readOnly", False)
+    assert config["USAGE_TRACKING_FSYNC"] == "always"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The volume is group-owned by the pod's group, which the process runs as.
+    security = pod["securityContext"]
+    assert security["fsGroup"] == security["runAsGroup"] == security["runAsUser"] == 65532
+    # Scaling down or deleting the StatefulSet keeps every ledger.
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenScaled": "Retain", "whenDeleted": "Retain"}
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["updateStrategy"] == {"type": "RollingUpdate"}
+    assert spec["replicas"] == one(kustomize_objects(), "Deployment")["spec"]["replicas"]
+    # The governing Service exists and is headless.
+    governing = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == spec["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"
+
+
+def test_ledger_pods_are_selected_once_by_each_selector():
+    objects = ledger_objects()
+    statefulset = one(objects, "StatefulSet")
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    services = [o for o in objects if o["kind"] == "Service"]
+    for selector in (statefulset["spec"]["selector"]["matchLabels"],
+                     one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+                     one(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+                     *(s["spec"]["selector"] for s in services)):
+        assert selector and matches(selector, labels)
+    # Prometheus scrapes each pod through one Service only: a second would double every sum.
+    monitor = one(objects, "ServiceMonitor")
+    scraped = [s["metadata"]["name"] for s in services if matches(monitor["spec"]["selector"]["matchLabels"],
+                                                                    s["metadata"].get("labels", {}))]
+    assert scraped == ["usage-tracking"]
+    assert one(kustomize_objects(), "Service") == next(s for s in services if s["metadata"]["name"] == "usage-tracking")
+
+
+def test_ledger_statefulset_runs_the_base_deployments_pod():
+    """statefulset.yaml copies deployment.yaml's pod template; only the ledger volume and fsGroup
+    may differ. Change both files together."""
+    base = one(kustomize_objects(), "Deployment")["spec"]["template"]
+    template = one(ledger_objects(), "StatefulSet")["spec"]["template"]
+    container, base_container = template["spec"]["containers"][0], base["spec"]["containers"][0]
+    for field in ("name", "image", "securityContext", "livenessProbe", "readinessProbe", "resources", "envFrom",
+                  "ports", "env", "args", "command"):
+        assert container.get(field) == base_container.get(field), f"{field} differs from deployment.yaml's"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Everything else too, once the two additions are taken out.
+    expected = {**base, "spec": {**base["spec"], "containers": [base_container]}}
+    container = {**container, "volumeMounts": [m for m in container["volumeMounts"] if m["name"] != "ledger"]}
+    security = without(template["spec"]["securityContext"], "fsGroup", "fsGroupChangePolicy")
+    assert {**template, "spec": {**template["spec"], "containers": [container], "securityContext": security}} == expected
+
+
+@pytest.mark.parametrize("fields,namespace,prefix", [
+    ({"namespace": "team-x"}, "team-x", ""),
+    ({"namespace": "team-x", "namePrefix": "team-x-"}, "team-x", "team-x-"),
+])
+def test_ledger_works_under_namespace_and_name_prefix_overlays(fields, namespace, prefix):
+    objects = ledger_objects(**fields)
+    assert summary(objects) == [(kind, namespace, prefix + name) for kind, name in LEDGER_OBJECTS]
+    statefulset = one(objects, "StatefulSet")
+    assert statefulset["spec"]["serviceName"] == prefix + "usage-tracking-pods"
+    pod = statefulset["spec"]["template"]["spec"]
+    assert pod["containers"][0]["envFrom"] == [{"configMapRef": {"name": prefix + "usage-tracking"}}]
+    assert [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v] == [prefix + "usage-tracking"]
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v] == [CALLBACK_SECRET]
+
+
 def job_selectors():
     """Every job="..." matcher in the alert rules and dashboard queries."""
     exprs = [r["expr"] for g in prometheus_rule_groups() for r in g["rules"]]
@@ -205,13 +315,14 @@ def test_yamllint_is_clean():
     files = glob.glob(os.path.join(DEPLOY, "**", "*.yaml"), recursive=True)
     files += glob.glob(os.path.join(DASHBOARDS, "*.yaml"))
     assert os.path.join(EXAMPLE, "authpolicy.yaml") in files
+    assert os.path.join(LEDGER, "statefulset.yaml") in files
     result = subprocess.run([need("yamllint"), "--strict", "-c", os.path.join(DEPLOY, ".yamllint"), *files],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def all_objects():
-    return kustomize_objects() + kustomize_objects(EXAMPLE)
+    return kustomize_objects() + kustomize_objects(EXAMPLE) + ledger_objects()
 
 
 def test_core_objects_validate_against_kubernetes_schemas():
@@ -222,7 +333,7 @@ def test_core_objects_validate_against_kubernetes_schemas():
         result = subprocess.run([need("kubernetes-validate"), "--strict", "-k", "1.30.0", f.name],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert result.stdout.count(" passed for resource ") == len(core) == 7, result.stdout
+        assert result.stdout.count(" passed for resource ") == len(core) == 13, result.stdout
     finally:
         os.unlink(f.name)
 
@@ -257,7 +368,7 @@ def rules_directory():
 
 
 @pytest.mark.parametrize("arguments,expected", [
-    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 13 rules found"),
+    (["check", "rules", "usage-tracking.rules.yaml"], "SUCCESS: 16 rules found"),
     (["test", "rules", "prometheusrule-test.yaml"], "SUCCESS"),
 ])
 def test_promtool_on_the_rules(arguments, expected):
@@ -280,7 +391,7 @@ def test_every_alert_is_tested_firing_and_not_firing():
     firing = {case["alertname"] for case in cases if case["exp_alerts"]}
     silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
     names = {r["alert"] for r in alerts()}
-    assert len(names) == 10 and "UsageTrackingCallbacksStopped" in names
+    assert len(names) == 13 and {"UsageTrackingCallbacksStopped", "UsageTrackingLedgerStale"} <= names
     assert firing == silent == names
 
 
@@ -401,6 +512,19 @@ def test_rule_expression_runs_on_real_data(fed_prometheus, name, expr):
         assert result, f"{name} returned nothing"
         _, recorded = fed_prometheus.query(name)
         assert recorded, f"Prometheus has not recorded {name}"
+
+
+LEDGER_ALERTS = ["UsageTrackingDuplicateCallbacks", "UsageTrackingLedgerFailing", "UsageTrackingLedgerStale"]
+
+
+def test_ledger_alerts_are_silent_without_a_ledger(fed_prometheus):
+    """The base runs without --state-dir: no ledger metrics, so nothing to be stale about."""
+    rules = {r["alert"]: r["expr"] for r in alerts()}
+    for name in LEDGER_ALERTS:
+        status, result = fed_prometheus.query(rules[name])
+        assert status == "success" and result == [], (name, result)
+    _, exposed = fed_prometheus.query('{__name__=~"usage_tracking_ledger_.*"}')
+    assert exposed == []
 
 
 def dashboard_targets():

@@ -117,3 +117,23 @@ def test_secret_commands_match_what_the_deployment_mounts():
     assert pod["volumes"][0]["secret"]["secretName"] == "usage-tracking-callback"
     assert one(kustomize_objects(), "ConfigMap")["data"]["USAGE_TRACKING_CALLBACK_SECRET_FILE"] == (
         pod["containers"][0]["volumeMounts"][0]["mountPath"] + "/secret")
+
+
+def test_ledger_component_shown_builds_into_the_overlay_shown(tmp_path):
+    overlay = next(b for b in blocks("yaml") if b.lstrip().startswith("# my-usage-tracking/kustomization.yaml"))
+    addition = next(b for b in blocks("yaml") if b.lstrip().startswith("# my-usage-tracking/kustomization.yaml, beside"))
+    fields = {**yaml.safe_load(overlay), **yaml.safe_load(addition)}
+    assert fields["components"] == ["../usage-tracking/Deploy/examples/ledger"]
+    fields["resources"] = [os.path.relpath(DEPLOY, tmp_path)]
+    fields["components"] = [os.path.relpath(os.path.join(DEPLOY, "examples", "ledger"), tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(fields))
+    objects = kustomize_objects(str(tmp_path))
+    assert [o["kind"] for o in objects if o["kind"] in ("Deployment", "StatefulSet")] == ["StatefulSet"]
+    image = one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "registry.example.com/usage-tracking:0.1.0"
+    # The names the README gives the pods, claims and mount are the ones the build produces.
+    statefulset = one(objects, "StatefulSet")
+    claim = statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    section = readme().split("### Keeping counts across restarts", 1)[1].split("\n## ", 1)[0]
+    assert f"`{claim}-{statefulset['metadata']['name']}-0`" in section
+    assert f"`{one(objects, 'ConfigMap')['data']['USAGE_TRACKING_STATE_DIR']}`" in section
