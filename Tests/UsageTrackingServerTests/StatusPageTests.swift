@@ -52,7 +52,7 @@ import UsageTrackingCore
         _ = try harness.send(PipelineHarness.post(#"{"groups":"free"}"#, headers: ["x-request-id: refused-7"]))
         _ = try harness.send(PipelineHarness.get("/metrics"))
         let page = try harness.send(PipelineHarness.get("/"))[0].text
-        #expect(page.contains(#"<tbody id="outcomes"><tr><td>accepted</td><td>3</td></tr><tr><td>invalid</td><td>1</td></tr>"#))
+        #expect(page.contains(#"<tbody id="outcomes"><tr><td>accepted</td><td>3</td></tr><tr><td>duplicate</td><td>0</td></tr><tr><td>invalid</td><td>1</td></tr>"#))
         #expect(
             page.contains(
                 #"<tbody id="top-llm_requests_total-user"><tr><td><a href="/?user=alice">alice</a></td><td>2</td></tr><tr><td><a href="/?user=bob">bob</a></td><td>1</td></tr></tbody>"#

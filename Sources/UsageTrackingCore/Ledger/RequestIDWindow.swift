@@ -71,6 +71,8 @@ public final class RequestIDWindow: Sendable {
 
     public var count: Int { self.state.withLock { $0.seen.count } }
     public var evictions: UInt64 { self.state.withLock { $0.evictions } }
+    /// Entries in the claim order, stale ones included (for the bound's test).
+    var orderCount: Int { self.state.withLock { $0.order.count - $0.head } }
 
     private func record(_ state: inout State, _ digest: UInt64, at time: Int64) {
         state.seen[digest] = time

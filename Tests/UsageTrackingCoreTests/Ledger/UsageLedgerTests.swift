@@ -1,0 +1,236 @@
+import Glibc
+import Testing
+
+@testable import UsageTrackingCore
+
+/// A fresh directory under /tmp, removed with everything in it when the test ends.
+final class ScratchDirectory {
+    let path: String
+
+    init() {
+        var template = Array("/tmp/usage-ledger-test-XXXXXX".utf8CString)
+        self.path = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
+    }
+
+    deinit {
+        _ = system("rm -rf '\(self.path)'")
+    }
+
+    var database: String { self.path + "/" + UsageLedger.databaseName }
+
+    func bytes(_ name: String) -> [UInt8]? {
+        try? readFileBytes(self.path + "/" + name, limit: 1 << 26).get()
+    }
+
+    func write(_ name: String, _ bytes: [UInt8], at offset: Int = 0) {
+        let fd = open(self.path + "/" + name, O_WRONLY | O_CREAT, 0o600)
+        precondition(fd >= 0)
+        _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
+        close(fd)
+    }
+
+    func sql(_ statement: String) -> String {
+        let output = "\(self.path)/.sql-output"
+        _ = system("sqlite3 '\(self.database)' \"\(statement)\" > '\(output)' 2>&1")
+        return String(decoding: (try? readFileBytes(output, limit: 1 << 20).get()) ?? [], as: UTF8.self)
+    }
+}
+
+private let now: Int64 = 1_795_471_072  // 2026-11-23T21:57:52Z
+private let hour: Int64 = 1_795_467_600  // its hour
+
+private func ledger(_ directory: ScratchDirectory, _ metrics: UsageMetrics, retentionDays: Int = 400) throws -> UsageLedger {
+    try UsageLedger(directory: directory.path, families: metrics.families, seriesIDs: metrics.seriesIDs, retentionDays: retentionDays)
+}
+
+@Suite struct UsageLedgerTests {
+    /// What one process committed, a second process on the same directory exposes exactly, and the
+    /// ledger's own tables say the same (totals, hourly buckets, request ids).
+    @Test func committedCountsAreRestoredExactly() throws {
+        let directory = ScratchDirectory()
+        let first = UsageMetrics(requestIDs: RequestIDWindow(window: 600, maxIDs: 100))
+        let store = try ledger(directory, first)
+        try store.restore(into: first, requestIDs: first.requestIDs, now: now)
+        var batch = LedgerBatch()
+        for (user, times) in [("alice", 3), ("bob", 1), ("k\u{212A}", 2)] {
+            for _ in 0..<times {
+                let callback = Callback(user: user, groups: "premium", path: "/v1/completions")
+                batch.add(first.count(callback), amounts: callback.amounts, at: now)
+                batch.add(.accepted, at: now)
+            }
+        }
+        batch.add(.invalid, count: 2, at: now)
+        batch.add(requestID: 42, seen: now)
+        try store.commit(batch, now: now)
+        store.close()
+
+        let second = UsageMetrics(requestIDs: RequestIDWindow(window: 600, maxIDs: 100))
+        let reopened = try ledger(directory, second)
+        let restored = try reopened.restore(into: second, requestIDs: second.requestIDs, now: now + 10)
+        #expect(restored.series == 3)
+        #expect(restored.requestIDs == 1)
+        #expect(second.requests.snapshot().map(\.value) == first.requests.snapshot().map(\.value))
+        #expect(second.requests.snapshot().map(\.labels) == first.requests.snapshot().map(\.labels))
+        #expect(second.requests.value(["k\u{212A}", "premium", "/v1/completions"]) == 2)
+        #expect(second.count(of: .accepted) == 6)
+        #expect(second.count(of: .invalid) == 2)
+        #expect(second.requestIDs?.claim(42, at: now + 10) == false)
+        // New series continue after the ledger's ids.
+        let restoredIDs = ["alice", "bob", "k\u{212A}"].map { first.requests.increment([$0, "premium", "/v1/completions"], by: 0).id }
+        #expect(second.requests.increment(["carol", "free", "/v1/models"]).id > restoredIDs.max()!)
+        reopened.close()
+
+        #expect(directory.sql("SELECT series.labels, total FROM series JOIN metric ON metric.id = metric_id WHERE name = 'llm_requests_total' ORDER BY total DESC").split(separator: "\n") == [
+            #"{"user":"alice","groups":"premium","path":"/v1/completions"}|3"#,
+            #"{"user":"k\#u{212A}","groups":"premium","path":"/v1/completions"}|2"#,
+            #"{"user":"bob","groups":"premium","path":"/v1/completions"}|1"#,
+        ])
+        #expect(directory.sql("SELECT hour, sum(amount) FROM usage_hourly JOIN series ON series.id = series_id WHERE metric_id = 1 GROUP BY hour") == "\(hour)|6\n")
+        #expect(directory.sql("SELECT json_extract(labels, '$.outcome'), total FROM series WHERE metric_id = 2 ORDER BY 1") == "accepted|6\ninvalid|2\n")
+        #expect(directory.sql("SELECT value FROM ledger_state WHERE key = 'last_commit'") == "\(now)\n")
+    }
+
+    @Test func hourlyBucketsOlderThanTheRetentionAreDeleted() throws {
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics()
+        let store = try ledger(directory, metrics, retentionDays: 2)
+        try store.restore(into: metrics, requestIDs: nil, now: now)
+        let series = metrics.count(Callback(user: "a", groups: "g", path: "/p"))
+        for day in [5, 2, 1, 0] {
+            var batch = LedgerBatch()
+            batch.add(series, amounts: [], at: now - Int64(day) * 86_400)
+            try store.commit(batch, now: now - Int64(day) * 86_400)
+        }
+        store.close()
+        #expect(directory.sql("SELECT (\(hour) - hour) / 86400 FROM usage_hourly WHERE series_id = \(series[0]!.id) ORDER BY hour") == "2\n1\n0\n")
+        #expect(directory.sql("SELECT total FROM series WHERE id = \(series[0]!.id)") == "4\n")
+    }
+
+    /// Labels go in and out of the ledger byte for byte, whatever a caller put in them.
+    @Test(arguments: ["plain", "quote\"back\\slash", "line\nbreak\ttab\u{1}", "caf\u{E9}", "cafe\u{301}", "\u{1F600}", "/v1/x?y=1&z", ""])
+    func labelsRoundTrip(value: String) {
+        let text = LabelsJSON.encode([value, "g"], names: ["user", "groups"])
+        let back = LabelsJSON.decode(text, names: ["user", "groups"])
+        #expect(back?.count == 2)
+        #expect(back.map { Array($0[0].utf8) } == Array(value.utf8))
+    }
+
+    @Test func labelsOfAnotherShapeDoNotReadBack() {
+        #expect(LabelsJSON.decode(#"{"user":"a","groups":"g"}"#, names: ["groups", "user"]) == nil)
+        #expect(LabelsJSON.decode(#"{"user":"a"}"#, names: ["user", "groups"]) == nil)
+        #expect(LabelsJSON.decode(#"{"user":"a","groups":"g","x":"1"}"#, names: ["user", "groups"]) == nil)
+        #expect(LabelsJSON.decode(#"{"user":"\ud800"}"#, names: ["user"]) == nil)
+        #expect(LabelsJSON.decode(#"{"user":"\u00e9\ud83d\ude00"}"#, names: ["user"]) == ["\u{E9}\u{1F600}"])
+    }
+
+    // MARK: startup refusals
+
+    private static func expectRefusal(_ directory: ScratchDirectory, _ expected: LedgerError) {
+        let before = directory.bytes(UsageLedger.databaseName)
+        #expect(throws: expected) { _ = try ledger(directory, UsageMetrics()) }
+        #expect(directory.bytes(UsageLedger.databaseName) == before, "the file must be left as it was")
+        #expect(directory.bytes(UsageLedger.databaseName + "-wal") == nil)
+    }
+
+    @Test func aFileThatIsNotADatabaseIsRefusedAndLeftAlone() throws {
+        let directory = ScratchDirectory()
+        directory.write(UsageLedger.databaseName, Array("counts: 12\n".utf8))
+        Self.expectRefusal(directory, .damaged(directory.database, "not a SQLite database"))
+    }
+
+    @Test func aMalformedPageIsRefusedAndLeftAlone() throws {
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics()
+        let store = try ledger(directory, metrics)
+        try store.restore(into: metrics, requestIDs: nil, now: now)
+        store.close()
+        directory.write(UsageLedger.databaseName, [0x07, 0xFF, 0xFF], at: 4096)
+        let before = directory.bytes(UsageLedger.databaseName)
+        #expect {
+            _ = try ledger(directory, UsageMetrics())
+        } throws: { error in
+            guard case .damaged(let path, let reason) = error as? LedgerError else { return false }
+            return path == directory.database && reason.hasPrefix("fails SQLite's integrity check: ") && reason.contains("Page 2")
+        }
+        #expect(directory.bytes(UsageLedger.databaseName) == before)
+    }
+
+    @Test func aLedgerFromANewerVersionIsRefused() throws {
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics()
+        try ledger(directory, metrics).close()
+        _ = directory.sql("PRAGMA user_version = 2")
+        Self.expectRefusal(directory, .damaged(directory.database, "written by a newer version (schema 2; this build reads up to 1)"))
+        #expect(LedgerError.damaged(directory.database, "x").description.hasSuffix(
+            "; refusing to start from zero. The files are left as they were: restore a backup, or move them aside to start a new ledger"))
+    }
+
+    @Test func aSecondLedgerOnTheSameDirectoryIsRefusedAndNamesTheHolder() throws {
+        let directory = ScratchDirectory()
+        let store = try ledger(directory, UsageMetrics())
+        #expect {
+            _ = try ledger(directory, UsageMetrics())
+        } throws: { error in
+            guard case .locked(let path, let holder) = error as? LedgerError else { return false }
+            return path == directory.path && holder.hasPrefix("pid \(getpid()) on ") && holder.contains(" since 20")
+        }
+        store.close()
+        // Released on close: the next one takes it.
+        try ledger(directory, UsageMetrics()).close()
+    }
+
+    @Test func aDirectoryThatCannotBeCreatedIsRefused() {
+        let directory = ScratchDirectory()
+        directory.write("file", [1])
+        #expect(throws: LedgerError.unusableDirectory(directory.path + "/file/state", "cannot create it: Not a directory")) {
+            _ = try UsageLedger(directory: directory.path + "/file/state", families: [], seriesIDs: SeriesIDs(), retentionDays: 1)
+        }
+    }
+
+    /// Series of a metric the config no longer has stay in the ledger and are reported, not exposed.
+    @Test func seriesOfARemovedMetricAreKeptAndReported() throws {
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics()
+        let store = try ledger(directory, metrics)
+        try store.restore(into: metrics, requestIDs: nil, now: now)
+        var batch = LedgerBatch()
+        batch.add(metrics.count(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: now)
+        try store.commit(batch, now: now)
+        store.close()
+        let schema = try MeteringSchema.parse(
+            """
+            metrics:
+              - name: llm_tokens_total
+                labels:
+                  - name: user
+                    from: user
+            """, file: "tokens.yaml")
+        let other = UsageMetrics(schema: schema)
+        let restored = try ledger(directory, other).restore(into: other, requestIDs: nil, now: now)
+        #expect(restored.series == 0)
+        #expect(restored.unexposedSeries == 1)
+        #expect(restored.unexposedMetrics == [#"llm_requests_total["user","groups","path"]"#])
+    }
+}
+
+@Suite struct RestoredSeriesTests {
+    /// Restored series were seen by Prometheus before the restart: no hold at 0, their values
+    /// spend the budgets, and later series get new ids.
+    @Test func restoredSeriesAreExposedAtOnceAndSpendTheBudget() {
+        let ids = SeriesIDs()
+        let family = CounterFamily(
+            name: "t_total", help: "t", labelNames: ["user"], maxSeries: 2, maxValues: [2],
+            newSeriesHoldNanoseconds: 30_000_000_000, clock: { 1_000_000_000_000 }, ids: ids
+        )
+        family.restore(["a"], count: 5, id: 7)
+        family.restore(["b"], count: 1, id: 9)
+        ids.advance(past: 9)
+        #expect(family.snapshot().map(\.value) == [5, 1])
+        #expect(family.budgetUse().values == [2])
+        let third = family.increment(["c"])
+        #expect(third.labels == ["__other__"])
+        #expect(third.id == 10)
+        #expect(family.increment(["a"]).id == 7)
+        #expect(family.value(["a"]) == 6)
+    }
+}
