@@ -168,6 +168,8 @@ public final class UsageMetrics: Sendable {
         if let ledger = self.ledger {
             writer.family("usage_tracking_ledger_errors_total", help: "Ledger commits that failed (disk full, I/O error); see the log.", type: .counter)
             writer.sample("usage_tracking_ledger_errors_total", value: ledger.errors)
+            writer.family("usage_tracking_ledger_commits_total", help: "Ledger commits that succeeded, heartbeats included; callbacks per commit is the batch size.", type: .counter)
+            writer.sample("usage_tracking_ledger_commits_total", value: ledger.commits)
             writer.family("usage_tracking_ledger_last_commit_timestamp_seconds", help: "Unix time of the ledger's last successful commit (at least every 30 s while healthy).", type: .gauge)
             writer.sample("usage_tracking_ledger_last_commit_timestamp_seconds", value: ledger.lastCommit)
         }

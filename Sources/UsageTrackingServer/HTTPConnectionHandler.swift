@@ -43,6 +43,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     private var waiting = CircularBuffer<Request>(initialCapacity: 4)
     /// True while a reply is being produced off the loop (a render, a ledger commit).
     private var rendering = false
+    /// The reply being produced is a ledger commit's: reading goes on meanwhile (see `mayRead`).
+    private var committing = false
     /// Mirrors the channel's writability (kept here so the hot path reads a stored Bool).
     private var writable = true
     /// A `read` asked for while reading had to wait; issued once the replies drain.
@@ -153,9 +155,12 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Reading waits while replies are owed; once the connection is closing, what arrives is
-    /// read only to be discarded.
+    /// read only to be discarded. A callback waiting for its commit does not stop reading: it
+    /// takes about a millisecond, what arrives meanwhile waits in `waiting` (which does stop
+    /// reading), and pausing and resuming the socket's read interest for every callback would
+    /// cost two system calls each.
     private var mayRead: Bool {
-        self.closing || (self.writable && !self.rendering && self.waiting.isEmpty && !self.inputDone)
+        self.closing || (self.writable && (!self.rendering || self.committing) && self.waiting.isEmpty && !self.inputDone)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -266,8 +271,10 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
             case .committing(let commit, let callback):
                 // Like a render: later requests wait, in order, while the ledger commits.
                 self.rendering = true
+                self.committing = true
                 commit.assumeIsolated().whenComplete { result in
                     self.rendering = false
+                    self.committing = false
                     let verdict = (try? result.get()) ?? .unavailable
                     if let rejection = TrackEndpoint.committed(verdict, callback, head, sender: self.peer, state: self.state) {
                         self.refuse(context: context, request, rejection)

@@ -87,8 +87,9 @@ final class LedgerWriter: Sendable {
         let (signal, accepted) = self.pending.withLock { pending -> (Bool, Bool) in
             guard !pending.stopping else { return (false, false) }
             pending.waiters.append(Waiter(series: series, amounts: amounts, digest: digest, promise: promise))
-            defer { pending.idle = false }
-            return (pending.idle, true)
+            guard pending.idle else { return (false, true) }
+            pending.idle = false
+            return (true, true)
         }
         if signal { self.wake.signal() }
         if !accepted { promise.succeed(.unavailable) }
@@ -175,7 +176,7 @@ final class LedgerWriter: Sendable {
                 self.metrics.record(.accepted, count: counted)
                 self.metrics.record(.duplicate, count: duplicates)
                 self.health.committed(at: now)
-                for (waiter, verdict) in zip(waiters, verdicts) { waiter.promise.succeed(verdict) }
+                Self.complete(zip(waiters, verdicts).map { ($0.promise, $1) })
             } catch {
                 self.health.failed()
                 failures += 1
@@ -193,7 +194,7 @@ final class LedgerWriter: Sendable {
                         ]
                     )
                 }
-                for waiter in waiters { waiter.promise.succeed(.unavailable) }
+                Self.complete(waiters.map { ($0.promise, .unavailable) })
             }
             if stopping {
                 if !carried.isEmpty, failures < 3 {
@@ -211,7 +212,7 @@ final class LedgerWriter: Sendable {
     }
 
     /// Waits for callbacks handed over (`always` mode), for `seconds` or for `stop`, then takes
-    /// what is pending.
+    /// what is pending: everything that arrived while the last commit was being written.
     private func take(for seconds: Int64) -> (waiters: [Waiter], batch: LedgerBatch, stopping: Bool) {
         let ready = self.pending.withLock { pending -> Bool in
             let ready = !pending.waiters.isEmpty || pending.stopping
@@ -227,6 +228,20 @@ final class LedgerWriter: Sendable {
             pending.waiters = []
             pending.batch = LedgerBatch(maxRequestIDs: pending.batch.maxRequestIDs)
             return taken
+        }
+    }
+
+    /// Completes the futures with one task per event loop rather than one hop per callback.
+    private static func complete(_ results: [(EventLoopPromise<Verdict>, Verdict)]) {
+        var byLoop: [ObjectIdentifier: (EventLoop, [(EventLoopPromise<Verdict>, Verdict)])] = [:]
+        for (promise, verdict) in results {
+            let loop = promise.futureResult.eventLoop
+            byLoop[ObjectIdentifier(loop), default: (loop, [])].1.append((promise, verdict))
+        }
+        for (loop, results) in byLoop.values {
+            loop.execute {
+                for (promise, verdict) in results { promise.succeed(verdict) }
+            }
         }
     }
 

@@ -104,12 +104,29 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Request ids remembered at most (about 32 bytes each), 1 to 100000000; beyond it the oldest are forgotten early. (env: USAGE_TRACKING_DEDUPE_MAX_IDS; default: 1000000)")
     var dedupeMaxIds: Int?
 
+    @Option(help: "Write a consistent copy of the ledger in --state-dir to this new file, while the service runs, and exit; read it with sqlite3.")
+    var snapshotLedger: String?
+
     func run() async throws {
         // Logs go to a pipe that may close; a write to it must fail, not kill the process.
         Glibc.signal(SIGPIPE, SIG_IGN)
         defer { LogLineWriter.standardOutput.flush(timeout: .seconds(2)) }
         if self.printConfig {
             print(try self.schema(Environment()).schema.yaml, terminator: "")
+            return
+        }
+        if let file = self.snapshotLedger {
+            guard let directory = self.stateDir ?? Environment().string("USAGE_TRACKING_STATE_DIR") else {
+                throw ValidationError("--snapshot-ledger needs --state-dir (USAGE_TRACKING_STATE_DIR)")
+            }
+            do {
+                try UsageLedger.snapshot(directory: directory, to: file)
+            } catch {
+                // Not a usage error: no usage text after it.
+                print("error: --snapshot-ledger: \(error)")
+                throw ExitCode.failure
+            }
+            print("ledger copied to \(file)")
             return
         }
         // Caught from the start: one arriving while the server starts waits for it, and never

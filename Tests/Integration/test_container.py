@@ -63,10 +63,13 @@ def test_static_binary_needs_only_what_the_runtime_image_installs():
         pytest.fail(f"{STATIC} not built; Tests/run-suite builds it")
     libraries = set(re.findall(r"^\s*(\S+?)(?:\.so[.\d]*)? ", subprocess.run(
         [need("ldd"), STATIC], capture_output=True, text=True, check=True).stdout, re.M))
-    # glibc (libc, libm, the loader), libstdc++6 (with libgcc_s) and zlib1g: the Containerfile's list.
-    assert libraries <= {"linux-vdso", "libc", "libm", "libstdc++", "libgcc_s", "libz", "/lib64/ld-linux-x86-64"}, libraries
+    # glibc (libc, libm, the loader), libstdc++6 (with libgcc_s), zlib1g and libsqlite3-0 (the
+    # ledger): the Containerfile's list.
+    assert libraries <= {"linux-vdso", "libc", "libm", "libstdc++", "libgcc_s", "libz", "libsqlite3",
+                         "/lib64/ld-linux-x86-64"}, libraries
+    assert "libsqlite3" in libraries
     with open(os.path.join(ROOT, "Deploy", "Containerfile")) as f:
-        assert "apt-get install -y --no-install-recommends libstdc++6 zlib1g" in f.read()
+        assert "apt-get install -y --no-install-recommends libstdc++6 zlib1g libsqlite3-0" in f.read()
 
 
 @pytest.fixture

@@ -8,9 +8,11 @@ Comparison rules for console output, the only liberties taken:
 - a last expected line `...` stands for whatever output follows;
 - trailing newlines at the end of an output are ignored.
 """
+import json
 import os
 import re
 import subprocess
+import time
 
 import yaml
 
@@ -137,3 +139,33 @@ def test_ledger_component_shown_builds_into_the_overlay_shown(tmp_path):
     section = readme().split("### Keeping counts across restarts", 1)[1].split("\n## ", 1)[0]
     assert f"`{claim}-{statefulset['metadata']['name']}-0`" in section
     assert f"`{one(objects, 'ConfigMap')['data']['USAGE_TRACKING_STATE_DIR']}`" in section
+
+
+def test_ledger_query_shown_reads_what_was_counted(tmp_path):
+    """The README's snapshot and invoice query, run against a ledger the binary wrote: the month's
+    requests per user equal what was sent (the month is the current one, so the hours fall in it)."""
+    need("sqlite3")
+    block = next(b for b in blocks("sh") if "--snapshot-ledger" in b)
+    snapshot, query = block.split("\n", 1)
+    state = tmp_path / "state"
+    service = Service("--state-dir", str(state))
+    try:
+        for user, times in [("alice", 3), ("bob", 1)]:
+            for _ in range(times):
+                assert service.track(json.dumps({"user": user, "groups": "g", "path": "/v1/completions"})) == 202
+        copy = tmp_path / "ledger.sqlite"
+        run = snapshot.replace("usage-tracking", service.binary, 1).replace("/var/lib/usage-tracking", str(state))
+        run = run.replace("/tmp/ledger.sqlite", str(copy))
+        result = subprocess.run(run, shell=True, capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"ledger copied to {copy}\n"
+    finally:
+        service.stop()
+    month = time.strftime("%Y-%m-01", time.gmtime())
+    following = time.strftime("%Y-%m-01", time.gmtime(time.time() + 32 * 86400 - (time.gmtime().tm_mday - 1) * 86400))
+    run = query.replace("/tmp/ledger.sqlite", str(copy)).replace("2026-11-01", month).replace("2026-12-01", following)
+    result = subprocess.run(run, shell=True, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.strip().split("\n")]
+    assert rows[0] == ["user", "requests"]
+    assert rows[2:] == [["alice", "3"], ["bob", "1"]]

@@ -5,10 +5,13 @@ public final class LedgerHealth: Sendable {
     private let failures = Atomic<UInt64>(0)
     private let lastCommitSeconds = Atomic<UInt64>(0)
     private let failing = Atomic<Bool>(false)
+    private let successes = Atomic<UInt64>(0)
 
     public init() {}
 
     public var errors: UInt64 { self.failures.load(ordering: .relaxed) }
+    /// Successful commits; callbacks per commit is the group commit's batch size.
+    public var commits: UInt64 { self.successes.load(ordering: .relaxed) }
     /// Unix time of the last successful commit, 0 before the first.
     public var lastCommit: UInt64 { self.lastCommitSeconds.load(ordering: .relaxed) }
     /// True from a failed commit until the next one succeeds.
@@ -16,6 +19,7 @@ public final class LedgerHealth: Sendable {
 
     public func committed(at time: Int64) {
         self.lastCommitSeconds.store(UInt64(max(0, time)), ordering: .relaxed)
+        self.successes.wrappingAdd(1, ordering: .relaxed)
         self.failing.store(false, ordering: .relaxed)
     }
 

@@ -56,18 +56,32 @@ public final class UsageLedger {
         if mkdir(directory, 0o700) != 0, errno != EEXIST {
             throw .unusableDirectory(directory, "cannot create it: \(String(cString: strerror(errno)))")
         }
+        // json_each's ->> and the README's unixepoch() need 3.38 (Debian 12 has 3.40).
+        guard sqlite3_libversion_number() >= 3_038_000 else {
+            throw .failed(self.path, "SQLite \(String(cString: sqlite3_libversion())) is too old; the ledger needs 3.38 or newer")
+        }
         self.lock = try DirectoryLock(directory: directory, name: Self.lockName)
         try Self.check(self.path)
         do {
             var config = Configuration()
-            config.journalMode = .wal
             // The schema's REFERENCES document the tables; checking them would cost every insert.
             config.foreignKeysEnabled = false
             config.prepareDatabase { db in
-                // Temporary files in memory: the root filesystem may be read-only.
-                try db.execute(sql: "PRAGMA synchronous = FULL; PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = 67108864")
+                // WAL set here rather than through GRDB's `journalMode`, which also lowers
+                // `synchronous` to NORMAL: a commit must be fsynced before its 202. Temporary
+                // files stay in memory: the root filesystem may be read-only.
+                try db.execute(sql: """
+                    PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA temp_store = MEMORY;
+                    PRAGMA journal_size_limit = 67108864
+                    """)
             }
             self.queue = try DatabaseQueue(path: self.path, configuration: config)
+            let settings = try self.queue.read { db in
+                (try String.fetchOne(db, sql: "PRAGMA journal_mode"), try Int.fetchOne(db, sql: "PRAGMA synchronous"))
+            }
+            guard settings.0 == "wal", settings.1 == 2 else {
+                throw LedgerError.failed(self.path, "SQLite did not take WAL and synchronous FULL (got \(settings))")
+            }
             try self.queue.writeWithoutTransaction { db in try Self.migrate(db) }
         } catch {
             throw Self.failure(self.path, error)
@@ -158,44 +172,56 @@ public final class UsageLedger {
             try self.queue.writeWithoutTransaction { db in
                 try db.inTransaction(.immediate) {
                     inserted.removeAll()
+                    // A handful of statements per commit, whatever its size: the rows go in as one
+                    // JSON array per table, which SQLite unpacks itself (json_each), so a batch
+                    // costs one bind and one step per table rather than per row.
                     let insertSeries = try db.cachedStatement(sql: "INSERT INTO series (id, metric_id, labels, total) VALUES (?, ?, ?, ?)")
-                    let addToSeries = try db.cachedStatement(sql: "UPDATE series SET total = total + ? WHERE id = ?")
-                    let addToHour = try db.cachedStatement(sql: """
-                        INSERT INTO usage_hourly (series_id, hour, amount) VALUES (?, ?, ?)
-                        ON CONFLICT (series_id, hour) DO UPDATE SET amount = amount + excluded.amount
-                        """)
+                    var additions = JSONRows()
                     for (id, total) in batch.totals {
                         if self.stored.contains(id) {
-                            try addToSeries.execute(arguments: [Int64(bitPattern: total.amount), id])
+                            additions.append(id, Int64(bitPattern: total.amount))
                         } else {
                             let labels = LabelsJSON.encode(total.series.labels, names: self.families[total.family].labelNames)
                             try insertSeries.execute(arguments: [id, self.metricIDs[total.family], labels, Int64(bitPattern: total.amount)])
                             inserted.append(id)
                         }
                     }
-                    for (key, amount) in batch.hourly {
-                        try addToHour.execute(arguments: [key.id, key.hour, Int64(bitPattern: amount)])
-                    }
+                    var hours = JSONRows()
+                    for (key, amount) in batch.hourly { hours.append(key.id, key.hour, Int64(bitPattern: amount)) }
                     var outcomeTotals: [CallbackOutcome: UInt64] = [:]
                     for (key, count) in batch.outcomes {
                         outcomeTotals[key.outcome, default: 0] &+= count
-                        try addToHour.execute(arguments: [self.outcomeSeries[key.outcome]!, key.hour, Int64(bitPattern: count)])
+                        hours.append(self.outcomeSeries[key.outcome]!, key.hour, Int64(bitPattern: count))
                     }
                     for (outcome, count) in outcomeTotals {
                         let id = self.outcomeSeries[outcome]!
-                        if self.stored.contains(id) || inserted.contains(id) {
-                            try addToSeries.execute(arguments: [Int64(bitPattern: count), id])
+                        if self.stored.contains(id) {
+                            additions.append(id, Int64(bitPattern: count))
                         } else {
                             let labels = LabelsJSON.encode([outcome.rawValue], names: ["outcome"])
                             try insertSeries.execute(arguments: [id, self.outcomesMetricID, labels, Int64(bitPattern: count)])
                             inserted.append(id)
                         }
                     }
-                    let recordID = try db.cachedStatement(sql: """
-                        INSERT INTO request_id (digest, seen) VALUES (?, ?) ON CONFLICT (digest) DO UPDATE SET seen = excluded.seen
-                        """)
-                    for (digest, seen) in batch.requestIDs {
-                        try recordID.execute(arguments: [Int64(bitPattern: digest), seen])
+                    var requestIDs = JSONRows()
+                    for (digest, seen) in batch.requestIDs { requestIDs.append(Int64(bitPattern: digest), seen) }
+                    if !additions.isEmpty {
+                        try db.cachedStatement(sql: """
+                            UPDATE series SET total = total + j.value ->> 1 FROM json_each(?) AS j WHERE series.id = j.value ->> 0
+                            """).execute(arguments: [additions.closed])
+                    }
+                    if !hours.isEmpty {
+                        try db.cachedStatement(sql: """
+                            INSERT INTO usage_hourly (series_id, hour, amount)
+                            SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM json_each(?) AS j WHERE true
+                            ON CONFLICT (series_id, hour) DO UPDATE SET amount = amount + excluded.amount
+                            """).execute(arguments: [hours.closed])
+                    }
+                    if !requestIDs.isEmpty {
+                        try db.cachedStatement(sql: """
+                            INSERT INTO request_id (digest, seen) SELECT j.value ->> 0, j.value ->> 1 FROM json_each(?) AS j WHERE true
+                            ON CONFLICT DO NOTHING
+                            """).execute(arguments: [requestIDs.closed])
                     }
                     try db.cachedStatement(sql: "UPDATE ledger_state SET value = ? WHERE key = 'last_commit'").execute(arguments: [now])
                     if now - self.lastPrune >= 60 {
@@ -218,6 +244,25 @@ public final class UsageLedger {
         _ = try? self.queue.writeWithoutTransaction { db in try db.checkpoint(.truncate) }
         try? self.queue.close()
         self.lock.release()
+    }
+
+    /// Writes a consistent copy of the ledger in `directory` to `file` (which must not exist),
+    /// while the service keeps running: a read-only connection reads one snapshot of the WAL
+    /// database, so nothing it commits meanwhile tears the copy. Does not take the lock.
+    public static func snapshot(directory: String, to file: String) throws(LedgerError) {
+        let path = directory.hasSuffix("/") ? directory + Self.databaseName : directory + "/" + Self.databaseName
+        try Self.check(path)
+        guard access(path, F_OK) == 0 else { throw .unusableDirectory(directory, "holds no ledger (\(Self.databaseName))") }
+        do {
+            var config = Configuration()
+            config.readonly = true
+            let queue = try DatabaseQueue(path: path, configuration: config)
+            // Outside a transaction: SQLite runs VACUUM only there.
+            try queue.inDatabase { db in try db.execute(sql: "VACUUM INTO ?", arguments: [file]) }
+            try queue.close()
+        } catch {
+            throw Self.failure(path, error)
+        }
     }
 
     // MARK: schema
@@ -247,10 +292,13 @@ public final class UsageLedger {
                     PRIMARY KEY (series_id, hour)
                 ) WITHOUT ROWID;
                 CREATE INDEX usage_hourly_by_hour ON usage_hourly (hour);
+                -- Keyed by time first, so each commit appends to the same pages (a digest key
+                -- would scatter every commit over the whole table); looked up only at startup.
                 CREATE TABLE request_id (
-                    digest INTEGER PRIMARY KEY,         -- first 8 bytes of the id's SHA-256
-                    seen INTEGER NOT NULL               -- Unix time it was counted
-                );
+                    seen INTEGER NOT NULL,              -- Unix time it was counted
+                    digest INTEGER NOT NULL,            -- first 8 bytes of the id's SHA-256
+                    PRIMARY KEY (seen, digest)
+                ) WITHOUT ROWID;
                 CREATE TABLE ledger_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
                 INSERT INTO ledger_state VALUES ('last_commit', 0);
                 PRAGMA user_version = 1;
@@ -352,6 +400,24 @@ public enum LedgerError: Error, CustomStringConvertible, Equatable {
         case .failed(let path, let reason): "\(path): \(reason)"
         }
     }
+}
+
+/// Rows of integers as a JSON array of arrays, `[[1,2],[3,4]]`, for `json_each`.
+struct JSONRows {
+    private var text = "["
+    var isEmpty: Bool { self.text.utf8.count == 1 }
+
+    mutating func append(_ values: Int64...) {
+        if !self.isEmpty { self.text += "," }
+        self.text += "["
+        for (index, value) in values.enumerated() {
+            if index > 0 { self.text += "," }
+            self.text += String(value)
+        }
+        self.text += "]"
+    }
+
+    var closed: String { self.text + "]" }
 }
 
 /// Series ids that are stored, as bits: ids are dense from 1, so a million series take 125 KB.
