@@ -32,8 +32,7 @@ final class LedgerWriter: Sendable {
     }
 
     private struct Waiter {
-        var series: [SeriesHandle?]
-        var amounts: [UInt64?]
+        var callback: Callback
         var digest: UInt64?
         var promise: EventLoopPromise<Verdict>
     }
@@ -81,12 +80,12 @@ final class LedgerWriter: Sendable {
         }
     }
 
-    /// `always` mode: hands a resolved callback over; the future says what became of it.
-    func commit(_ series: [SeriesHandle?], amounts: [UInt64?], digest: UInt64?, on eventLoop: EventLoop) -> EventLoopFuture<Verdict> {
+    /// `always` mode: hands a callback over; the future says what became of it.
+    func commit(_ callback: Callback, digest: UInt64?, on eventLoop: EventLoop) -> EventLoopFuture<Verdict> {
         let promise = eventLoop.makePromise(of: Verdict.self)
         let (signal, accepted) = self.pending.withLock { pending -> (Bool, Bool) in
             guard !pending.stopping else { return (false, false) }
-            pending.waiters.append(Waiter(series: series, amounts: amounts, digest: digest, promise: promise))
+            pending.waiters.append(Waiter(callback: callback, digest: digest, promise: promise))
             guard pending.idle else { return (false, true) }
             pending.idle = false
             return (true, true)
@@ -143,6 +142,8 @@ final class LedgerWriter: Sendable {
             lastAttempt = now
             var batch = base
             var verdicts: [Verdict] = []
+            // The series each counted callback goes to; a duplicate creates none.
+            var resolved: [(series: [SeriesHandle?], amounts: [UInt64?])] = []
             var claimed: [UInt64] = []
             var counted: UInt64 = 0
             var duplicates: UInt64 = 0
@@ -157,7 +158,9 @@ final class LedgerWriter: Sendable {
                     claimed.append(digest)
                     batch.add(requestID: digest, seen: now)
                 }
-                batch.add(waiter.series, amounts: waiter.amounts, at: now)
+                let series = self.metrics.resolve(waiter.callback)
+                resolved.append((series, waiter.callback.amounts))
+                batch.add(series, amounts: waiter.callback.amounts, at: now)
                 verdicts.append(.counted)
                 counted += 1
             }
@@ -170,9 +173,7 @@ final class LedgerWriter: Sendable {
                 }
                 failures = 0
                 carried = LedgerBatch(maxRequestIDs: carried.maxRequestIDs)
-                for (waiter, verdict) in zip(waiters, verdicts) where verdict == .counted {
-                    self.metrics.add(waiter.series, amounts: waiter.amounts)
-                }
+                for (series, amounts) in resolved { self.metrics.add(series, amounts: amounts) }
                 self.metrics.record(.accepted, count: counted)
                 self.metrics.record(.duplicate, count: duplicates)
                 self.health.committed(at: now)

@@ -79,8 +79,7 @@ enum TrackEndpoint {
         }
         let digest = state.requestIDDigest(head)
         if let writer = state.ledgerWriter, writer.mode == .always {
-            let series = state.metrics.resolve(callback)
-            return .committing(writer.commit(series, amounts: callback.amounts, digest: digest, on: eventLoop), callback)
+            return .committing(writer.commit(callback, digest: digest, on: eventLoop), callback)
         }
         let now = LedgerWriter.now()
         if let digest, let window = state.metrics.requestIDs, !window.claim(digest, at: now) {
