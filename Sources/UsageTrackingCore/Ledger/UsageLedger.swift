@@ -334,7 +334,8 @@ public final class UsageLedger {
         }
         var connection: OpaquePointer?
         defer { sqlite3_close_v2(connection) }
-        let uri = "file:" + Self.percentEncoded(path) + "?mode=ro&immutable=1"
+        // Every byte but unreserved ASCII percent-encoded (SQLite decodes the path, `/` included).
+        let uri = "file:" + HTMLText.queryComponent(path) + "?mode=ro&immutable=1"
         guard sqlite3_open_v2(uri, &connection, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nil) == SQLITE_OK else {
             throw .damaged(path, connection.map { String(cString: sqlite3_errmsg($0)) } ?? "cannot be opened")
         }
@@ -356,21 +357,6 @@ public final class UsageLedger {
         }
         let integrity = try single("PRAGMA quick_check(1)")
         guard integrity == "ok" else { throw .damaged(path, "fails SQLite's integrity check: \(integrity)") }
-    }
-
-    private static func percentEncoded(_ path: String) -> String {
-        var out = ""
-        for byte in path.utf8 {
-            switch byte {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
-                UInt8(ascii: "/"), UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."):
-                out.unicodeScalars.append(Unicode.Scalar(byte))
-            default:
-                let hex = String(byte, radix: 16, uppercase: true)
-                out += "%" + (hex.count == 1 ? "0" + hex : hex)
-            }
-        }
-        return out
     }
 
     private static func failure(_ path: String, _ error: any Error) -> LedgerError {
