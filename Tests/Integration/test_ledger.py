@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -50,7 +51,7 @@ def scrape(port):
     status, _, body = request(port, "GET", "/metrics", timeout=60)
     assert status == 200
     samples = {}
-    for line in body.decode().splitlines():
+    for line in body.decode().split("\n"):  # not splitlines(): a label value may hold U+2028
         if line and not line.startswith("#"):
             series, value = line.rsplit(" ", 1)
             samples[series] = float(value) if "." in value or "e" in value else int(value)
@@ -295,6 +296,31 @@ def test_a_graceful_restart_restores_every_count_exactly(tmp_path, mode):
         assert track(service.port, request_id="graceful-3", **ids["graceful-3"])[0] == 202
         assert outcomes(scrape(service.port))["duplicate"] == 21
         assert usage(scrape(service.port)) == usage(before)
+    finally:
+        stop(service.process)
+
+
+def test_label_values_of_every_kind_survive_a_restart_and_read_back_with_sqlite(tmp_path):
+    """The ledger keeps labels as JSON text; whatever a callback may carry must read back the same,
+    or the restore would refuse the whole ledger."""
+    directory = str(tmp_path / "ledger")
+    users = ['quote"d', "back\\slash", "ünïcödé", "😀 emoji", "tab\there", "new\nline", "\u2028separator", "ctl\x01",
+             "\\u0041", "{\"json\":1}", "x" * 256]
+    service = Service("--state-dir", directory)
+    try:
+        for user in users:
+            body = json.dumps({"user": user, "groups": 'g"q', "path": "/v1/completions"}).encode()
+            assert request(service.port, "POST", "/track", body, JSON)[0] == 202
+        before = scrape(service.port)
+        assert len(usage(before)) == len(users)
+        graceful(service)
+        connection = sqlite3.connect(f"file:{os.path.join(directory, 'usage.sqlite')}?mode=ro", uri=True)
+        stored = [row[0] for row in connection.execute("SELECT json_extract(labels, '$.user') FROM series WHERE metric_id = "
+                                                       "(SELECT id FROM metric WHERE name = 'llm_requests_total')")]
+        connection.close()
+        assert sorted(stored) == sorted(users)
+        service = Service("--state-dir", directory)
+        assert restored_families(scrape(service.port)) == restored_families(before)
     finally:
         stop(service.process)
 
@@ -655,6 +681,32 @@ def test_a_ledger_from_a_newer_version_is_refused_and_left_as_it_was(pristine_le
     assert refused(directory) == (f"{FLAG}: {directory}/usage.sqlite: written by a newer version (schema 2; this build "
                                   f"reads up to 1){REFUSAL}")
     assert ledger_files(directory) == before
+
+
+def test_a_newer_schema_still_in_the_wal_is_refused_and_left_as_it_was(pristine_ledger, tmp_path):
+    """A newer build migrated the ledger (schema 2, committed in the WAL) and was killed before any
+    checkpoint; the rollback to this build must refuse it as it refuses a checkpointed one."""
+    directory = copy_of(pristine_ledger, tmp_path)
+    service = Service("--state-dir", directory)
+    assert track(service.port, "newer", "newer-1")[0] == 202
+    killed(service)
+    # The newer build's migration, committed, and the crash (os._exit: no close, no checkpoint).
+    subprocess.run([sys.executable, "-c", f"""if True:
+        import os, sqlite3
+        connection = sqlite3.connect({os.path.join(directory, "usage.sqlite")!r}, isolation_level=None)
+        connection.execute("PRAGMA wal_autocheckpoint = 0")
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("CREATE TABLE usage_daily (series_id INTEGER, day INTEGER, amount INTEGER)")
+        connection.execute("PRAGMA user_version = 2")
+        connection.execute("COMMIT")
+        os._exit(0)
+        """], check=True, timeout=20)
+    before = ledger_files(directory)
+    assert "usage.sqlite-wal" in before
+    assert refused(directory) == (f"{FLAG}: {directory}/usage.sqlite: written by a newer version (schema 2; this build "
+                                  f"reads up to 1){REFUSAL}")
+    assert {k: v for k, v in ledger_files(directory).items() if k != "usage.sqlite-shm"} == \
+        {k: v for k, v in before.items() if k != "usage.sqlite-shm"}
 
 
 def test_a_second_process_on_the_same_directory_is_refused_naming_the_holder(tmp_path):
