@@ -47,6 +47,31 @@ def request(port, method, path, body=None, headers=None, timeout=15):
         connection.close()
 
 
+def post(path, body, headers=()):
+    """A raw HTTP/1.1 POST of `body` (bytes) with extra header lines, for keep-alive and pipelined sockets."""
+    head = [f"POST {path} HTTP/1.1", "Host: t", "Content-Type: application/json", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class Replies:
+    """Reads whole replies, one after another, from a keep-alive (possibly pipelined) socket."""
+
+    def __init__(self, sock):
+        self.stream = sock.makefile("rb")
+
+    def next(self):
+        """(status, headers, body); raises ConnectionError on the end of the stream."""
+        status_line = self.stream.readline()
+        if not status_line:
+            raise ConnectionError("closed before a reply")
+        headers = {}
+        while (line := self.stream.readline().decode()) not in ("\r\n", ""):
+            name, value = line.split(":", 1)
+            headers[name.lower()] = value.strip()
+        body = self.stream.read(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, body
+
+
 def stop(process):
     """SIGTERM, then SIGKILL if it has not exited within 15 s; only ever a process started here."""
     if process.poll() is None:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, Service, callback, free_port, request, stop
+from conftest import ROOT, Replies, Service, callback, free_port, post, request, stop
 
 BINARY = os.environ.get("USAGE_TRACKING_BINARY", os.path.join(ROOT, ".build", "debug", "usage-tracking"))
 
@@ -29,30 +29,6 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def post(path, body, headers=()):
-    head = [f"POST {path} HTTP/1.1", "Host: t", "Content-Type: application/json", f"Content-Length: {len(body)}", *headers]
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-class Replies:
-    """Reads whole replies, one after another, from a keep-alive (possibly pipelined) socket."""
-
-    def __init__(self, sock):
-        self.stream = sock.makefile("rb")
-
-    def next(self):
-        """(status, headers, body); raises ConnectionError on the end of the stream."""
-        status_line = self.stream.readline()
-        if not status_line:
-            raise ConnectionError("closed before a reply")
-        headers = {}
-        while (line := self.stream.readline().decode()) not in ("\r\n", ""):
-            name, value = line.split(":", 1)
-            headers[name.lower()] = value.strip()
-        body = self.stream.read(int(headers.get("content-length", "0")))
-        return int(status_line.split()[1]), headers, body
 
 
 def fill_series(port, count):
