@@ -70,11 +70,11 @@ public final class UsageMetrics: Sendable {
         }
     }
 
-    /// The series `callback` would count in, created at 0 where new, without counting it: the
-    /// ledger's `always` mode counts only once the increment is committed (`add`).
+    /// The series `callback` would count in, without counting it (see `CounterFamily.reserve`):
+    /// the ledger's `always` mode counts only once the increment is committed (`add`).
     public func resolve(_ callback: Callback) -> [SeriesHandle?] {
         self.families.enumerated().map { index, family in
-            callback.amount(forFamily: index).map { _ in family.increment(callback.series[index], by: 0) }
+            callback.amount(forFamily: index).map { _ in family.reserve(callback.series[index]) }
         }
     }
 

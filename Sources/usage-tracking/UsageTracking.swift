@@ -211,7 +211,7 @@ struct UsageTracking: AsyncParsableCommand {
         if try self.noDedupe || env.boolean("USAGE_TRACKING_NO_DEDUPE") {
             config.dedupeHeader = nil
         } else if let header = self.dedupeHeader ?? env.string("USAGE_TRACKING_DEDUPE_HEADER") {
-            guard header.utf8.allSatisfy(isHeaderNameByte) else {
+            guard !header.isEmpty, header.utf8.allSatisfy(isHeaderNameByte) else {
                 throw ValidationError("--dedupe-header (USAGE_TRACKING_DEDUPE_HEADER) must be a header name, got '\(header)'")
             }
             config.dedupeHeader = header

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, Replies, Service, callback, post, request, stop
+from conftest import ROOT, Replies, Service, callback, need, post, request, stop
 
 BINARY = os.environ.get("USAGE_TRACKING_BINARY", os.path.join(ROOT, ".build", "debug", "usage-tracking"))
 STATIC = os.environ.get("USAGE_TRACKING_STATIC_BINARY", os.path.join(ROOT, ".build-static", "release", "usage-tracking"))
@@ -154,10 +154,14 @@ def wait_for_ledger(directory, samples, seconds=5):
 
 
 def ledger_files(directory):
-    """sha256 of usage.sqlite and of its -wal (and -shm) where present."""
+    """sha256 of usage.sqlite and of its -wal where present, and whether a -shm exists. A -shm's
+    bytes are not compared: it is SQLite's index of the WAL, which a reader rebuilds from the WAL
+    (the refusal's read-only check does), not data."""
     files = {}
     for name in sorted(os.listdir(directory)):
-        if name.startswith("usage.sqlite"):
+        if name == "usage.sqlite-shm":
+            files[name] = "present"
+        elif name.startswith("usage.sqlite"):
             with open(os.path.join(directory, name), "rb") as f:
                 files[name] = hashlib.sha256(f.read()).hexdigest()
     return files
@@ -1072,3 +1076,30 @@ def test_debug_shows_the_ledger_settings(tmp_path):
             "dedupe_header": "x-request-id", "dedupe_window_seconds": 7, "dedupe_max_ids": 1000000}
     finally:
         stop(service.process)
+
+
+@pytest.mark.parametrize("mode, at_least, at_most", [("always", 20, None), ("interval", None, 5)])
+def test_fsync_mode_decides_when_the_disk_is_synced(tmp_path, mode, at_least, at_most):
+    """The claim behind `--fsync always`, checked on the system calls: 20 callbacks sent one after
+    another (each waits for its 202) make at least 20 fdatasync/fsync calls, one per commit before
+    its reply; in interval mode the same 20 make at most a few (one per interval)."""
+    strace = need("strace")
+    service = Service("--state-dir", str(tmp_path / "state"), "--fsync", mode)
+    trace = tmp_path / "trace"
+    tracer = subprocess.Popen([strace, "-f", "-qq", "-e", "trace=fdatasync,fsync", "-o", str(trace),
+                               "-p", str(service.process.pid)], stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)  # attached to every thread
+        for i in range(20):
+            body = json.dumps({"user": f"sync{i}", "groups": "g", "path": "/v1/completions"})
+            assert request(service.port, "POST", "/track", body=body,
+                           headers={"Content-Type": "application/json", "x-request-id": f"sync-{i}"})[0] == 202
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+        service.stop()
+    syncs = [line for line in trace.read_text().splitlines() if re.search(r"\b(fdatasync|fsync)\(", line)]
+    if at_least is not None:
+        assert len(syncs) >= at_least, syncs
+    if at_most is not None:
+        assert len(syncs) <= at_most, syncs

@@ -53,6 +53,9 @@ public final class CounterFamily: Sendable {
         /// series, which Prometheus has seen before).
         let created: UInt64
         let id: Int64
+        /// False for a series `reserve` created that nothing has been added to yet: it is not
+        /// exposed, so a callback the ledger then fails to commit leaves no trace.
+        var exposed = true
     }
 
     private final class Stripe: Sendable {
@@ -114,27 +117,36 @@ public final class CounterFamily: Sendable {
     }
 
     /// Adds `amount` to the series of `labelValues` (or the one the budgets fold it into) and
-    /// returns that series. `amount` 0 finds or creates the series without counting anything.
+    /// returns that series.
     @discardableResult
     public func increment(_ labelValues: LabelValues, by amount: UInt64 = 1) -> SeriesHandle {
         precondition(labelValues.count == self.labelNames.count, "\(self.name): wrong number of label values")
         let key = SeriesKey(labelValues)
         if let id = Self.add(amount, to: key, in: self.stripe(for: key)) { return SeriesHandle(id: id, key: key) }
-        return self.insert(labelValues, amount)
+        return self.insert(labelValues, amount, exposed: true)
     }
 
-    /// Adds to a series returned by `increment` (the ledger counts a callback only once it is
-    /// committed).
+    /// The series `labelValues` would be counted in, created (unexposed, at 0) where new, with no
+    /// count added: the ledger's `always` mode counts a callback with `add` once it is committed.
+    public func reserve(_ labelValues: LabelValues) -> SeriesHandle {
+        precondition(labelValues.count == self.labelNames.count, "\(self.name): wrong number of label values")
+        let key = SeriesKey(labelValues)
+        if let id = Self.add(0, to: key, in: self.stripe(for: key), exposing: false) { return SeriesHandle(id: id, key: key) }
+        return self.insert(labelValues, 0, exposed: false)
+    }
+
+    /// Adds to a series returned by `increment` or `reserve`, exposing it.
     public func add(_ amount: UInt64, to series: SeriesHandle) {
         let added = Self.add(amount, to: series.key, in: self.stripe(for: series.key))
         precondition(added != nil, "\(self.name): a series handle from another family")
     }
 
     /// Adds to an existing series and returns its id; nil when there is none.
-    private static func add(_ amount: UInt64, to key: SeriesKey, in stripe: Stripe) -> Int64? {
+    private static func add(_ amount: UInt64, to key: SeriesKey, in stripe: Stripe, exposing: Bool = true) -> Int64? {
         stripe.series.withLock { series in
             guard let index = series.index(forKey: key) else { return nil }
             series.values[index].count &+= amount
+            if exposing { series.values[index].exposed = true }
             return series.values[index].id
         }
     }
@@ -157,7 +169,7 @@ public final class CounterFamily: Sendable {
 
     /// A series not seen before: spends the budgets, or folds into `__other__`. Serialised by the
     /// budget lock, so two callbacks creating the same series cannot both create it.
-    private func insert(_ labelValues: LabelValues, _ amount: UInt64) -> SeriesHandle {
+    private func insert(_ labelValues: LabelValues, _ amount: UInt64, exposed: Bool) -> SeriesHandle {
         self.budget.withLock { budget in
             var labels = labelValues
             var newValues: [(label: Int, value: ExactString)] = []
@@ -173,18 +185,18 @@ public final class CounterFamily: Sendable {
             }
             var key = SeriesKey(labels)
             // Folding may have led to a series that exists; so may a callback that raced this one.
-            if let id = Self.add(amount, to: key, in: self.stripe(for: key)) { return SeriesHandle(id: id, key: key) }
+            if let id = Self.add(amount, to: key, in: self.stripe(for: key), exposing: exposed) { return SeriesHandle(id: id, key: key) }
             if budget.series >= self.maxSeries {
                 budget.seriesOverflows &+= 1
                 key = self.overflowKey
-                if let id = Self.add(amount, to: key, in: self.stripe(for: key)) { return SeriesHandle(id: id, key: key) }
+                if let id = Self.add(amount, to: key, in: self.stripe(for: key), exposing: exposed) { return SeriesHandle(id: id, key: key) }
             } else {
                 budget.series += 1
                 for (index, value) in newValues { budget.values[index].insert(value) }
             }
             let created = self.newSeriesHold > 0 ? self.clock() : 0
             let id = self.ids.next()
-            self.stripe(for: key).series.withLock { $0[key] = Series(count: amount, created: created, id: id) }
+            self.stripe(for: key).series.withLock { $0[key] = Series(count: amount, created: created, id: id, exposed: exposed) }
             return SeriesHandle(id: id, key: key)
         }
     }
@@ -196,7 +208,7 @@ public final class CounterFamily: Sendable {
     }
 
     public var seriesCount: Int {
-        self.stripes.reduce(0) { count, stripe in count + stripe.series.withLock { $0.count } }
+        self.stripes.reduce(0) { count, stripe in count + stripe.series.withLock { $0.values.count(where: \.exposed) } }
     }
 
     /// Budget use, for the self-metrics: distinct values held and callbacks folded, per label,
@@ -213,7 +225,7 @@ public final class CounterFamily: Sendable {
         var all: [(labels: LabelValues, value: UInt64)] = []
         for stripe in self.stripes {
             stripe.series.withLock { series in
-                for (key, value) in series where isIncluded(key.labels) { all.append((key.labels, value.count)) }
+                for (key, value) in series where value.exposed && isIncluded(key.labels) { all.append((key.labels, value.count)) }
             }
         }
         return all
@@ -228,7 +240,7 @@ public final class CounterFamily: Sendable {
             chunk.removeAll(keepingCapacity: true)
             stripe.series.withLock { series in
                 chunk.reserveCapacity(series.count)
-                for (key, value) in series { chunk.append((key.labels, value.count)) }
+                for (key, value) in series where value.exposed { chunk.append((key.labels, value.count)) }
             }
             body(chunk)
         }
@@ -241,7 +253,7 @@ public final class CounterFamily: Sendable {
         for stripe in self.stripes {
             stripe.series.withLock { series in
                 all.reserveCapacity(all.count + series.count)
-                for (key, value) in series {
+                for (key, value) in series where value.exposed {
                     // Young series read 0: see Hold above.
                     let young = hold > 0 && value.created != 0 && (value.created > now || now - value.created < hold)
                     all.append((key.labels, young ? 0 : value.count))

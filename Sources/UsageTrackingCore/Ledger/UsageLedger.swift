@@ -82,7 +82,7 @@ public final class UsageLedger {
             guard settings.0 == "wal", settings.1 == 2 else {
                 throw LedgerError.failed(self.path, "SQLite did not take WAL and synchronous FULL (got \(settings))")
             }
-            try self.queue.writeWithoutTransaction { db in try Self.migrate(db) }
+            try self.queue.writeWithoutTransaction { db in try Self.migrate(db, path: self.path) }
         } catch {
             throw Self.failure(self.path, error)
         }
@@ -267,8 +267,11 @@ public final class UsageLedger {
 
     // MARK: schema
 
-    private static func migrate(_ db: Database) throws {
+    private static func migrate(_ db: Database, path: String) throws {
         let version = try Int.fetchOne(db, sql: "PRAGMA user_version") ?? 0
+        guard version <= Self.schemaVersion else {
+            throw LedgerError.damaged(path, "written by a newer version (schema \(version); this build reads up to \(Self.schemaVersion))")
+        }
         guard version < Self.schemaVersion else { return }
         try db.inTransaction(.immediate) {
             try db.execute(sql: """
@@ -334,8 +337,13 @@ public final class UsageLedger {
         }
         var connection: OpaquePointer?
         defer { sqlite3_close_v2(connection) }
+        // Read-only. Without a WAL, also immutable: SQLite then creates no -wal or -shm beside
+        // it. With one (a crash, possibly mid-checkpoint), the WAL is part of the database and is
+        // read too; a read-only connection neither checkpoints nor removes it, and changes only
+        // -shm, the index of the WAL that SQLite rebuilds from it.
+        let hasWAL = access(path + "-wal", F_OK) == 0
         // Every byte but unreserved ASCII percent-encoded (SQLite decodes the path, `/` included).
-        let uri = "file:" + HTMLText.queryComponent(path) + "?mode=ro&immutable=1"
+        let uri = "file:" + HTMLText.queryComponent(path) + (hasWAL ? "?mode=ro" : "?mode=ro&immutable=1")
         guard sqlite3_open_v2(uri, &connection, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nil) == SQLITE_OK else {
             throw .damaged(path, connection.map { String(cString: sqlite3_errmsg($0)) } ?? "cannot be opened")
         }
