@@ -237,3 +237,24 @@ private func ledger(_ directory: ScratchDirectory, _ metrics: UsageMetrics, rete
         #expect(family.value(["a"]) == 6)
     }
 }
+
+@Suite struct ReservedSeriesTests {
+    /// `always` mode reserves a series before its commit: until something is added it is not
+    /// exposed anywhere, so a commit that fails leaves no series at 0 behind.
+    @Test func aReservedSeriesIsHiddenUntilCounted() {
+        let family = CounterFamily(name: "t_total", help: "t", labelNames: ["user"])
+        family.increment(["a"])
+        let reserved = family.reserve(["b"])
+        #expect(family.snapshot().map(\.labels) == [["a"]])
+        #expect(family.series().map(\.labels) == [["a"]])
+        #expect(family.seriesCount == 1)
+        #expect(family.reserve(["b"]).id == reserved.id)
+        family.add(2, to: reserved)
+        #expect(family.snapshot().map(\.labels) == [["a"], ["b"]])
+        #expect(family.value(["b"]) == 2)
+        #expect(family.seriesCount == 2)
+        // Reserving an exposed series does not hide it.
+        _ = family.reserve(["a"])
+        #expect(family.seriesCount == 2)
+    }
+}
