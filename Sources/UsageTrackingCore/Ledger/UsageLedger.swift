@@ -18,8 +18,8 @@ import Glibc
 ///   within the dedupe window), `ledger_state` (time of the last commit).
 /// - Startup never loses a count silently: a file that is not a SQLite database, a database that
 ///   fails SQLite's `quick_check`, or one written by a newer version stops the process with a
-///   message naming the file, and the files are left as they were (the checks read through a
-///   read-only, immutable connection before anything opens the file for writing).
+///   message naming the file, and the database and its WAL are left as they were (the checks
+///   read through a read-only connection before anything opens the file for writing).
 /// - Concurrency: not thread-safe; the server's writer thread is its only user after startup.
 ///   Readers such as `sqlite3` may read while it runs (WAL).
 /// - Disk: bounded by series, series-hours within the retention, and ids within the dedupe
