@@ -168,7 +168,7 @@ def test_page_in_chromium(service, browser):
     browser.navigate(origin + "/")
 
     def check_content_and_safety(when, accepted_count):
-        assert browser.rows("outcomes")[:2] == [["accepted", str(accepted_count)], ["invalid", "1"]], when
+        assert browser.rows("outcomes")[:3] == [["accepted", str(accepted_count)], ["duplicate", "0"], ["invalid", "1"]], when
         # Counts first, ties in byte order: "<" sorts before "b".
         assert browser.rows("top-llm_requests_total-user")[:3] == [["alice", "2"], [HOSTILE_USER, "1"], ["bob", "1"]], when
         assert browser.rows("top-llm_requests_total-path") == [["/v1/chat", str(accepted_count - 1)], [HOSTILE_PATH, "1"]], when

@@ -153,17 +153,21 @@ public final class CounterFamily: Sendable {
 
     /// Puts back a series read from the ledger at startup, with its id and count, before any
     /// callback arrives. Its values count against the budgets, but it is never folded (it
-    /// exists already), and it is not held at 0 (Prometheus has seen it before).
-    public func restore(_ labelValues: LabelValues, count: UInt64, id: Int64) {
+    /// exists already), and it is not held at 0 (Prometheus has seen it before). False, and
+    /// nothing changed, when the family holds these labels already.
+    @discardableResult
+    public func restore(_ labelValues: LabelValues, count: UInt64, id: Int64) -> Bool {
         precondition(labelValues.count == self.labelNames.count, "\(self.name): wrong number of label values")
         let key = SeriesKey(labelValues)
-        self.budget.withLock { budget in
+        return self.budget.withLock { budget in
+            guard self.stripe(for: key).series.withLock({ $0[key] == nil }) else { return false }
             if key != self.overflowKey { budget.series += 1 }
             for index in labelValues.indices where self.maxValues[index] < .max {
                 let value = ExactString(labelValues[index])
                 if value.value != MeteringSchema.overflowValue, !self.freeValues[index].contains(value) { budget.values[index].insert(value) }
             }
             self.stripe(for: key).series.withLock { $0[key] = Series(count: count, created: 0, id: id) }
+            return true
         }
     }
 

@@ -114,23 +114,27 @@ public final class UsageLedger {
                     return .commit
                 }
                 for (index, family) in self.families.enumerated() {
+                    let reader = LabelsJSON.Reader(names: family.labelNames)
                     let rows = try Row.fetchCursor(db, sql: "SELECT id, labels, total FROM series WHERE metric_id = ?", arguments: [self.metricIDs[index]])
                     while let row = try rows.next() {
                         let id: Int64 = row[0]
                         let text: String = row[1]
                         let total: Int64 = row[2]
-                        guard let labels = LabelsJSON.decode(text, names: family.labelNames) else {
+                        guard let labels = reader.decode(text) else {
                             throw LedgerError.damaged(self.path, "series \(id) of \(family.name) has labels that do not read back: \(text.prefix(200))")
                         }
-                        family.restore(labels, count: UInt64(bitPattern: total), id: id)
+                        guard family.restore(labels, count: UInt64(bitPattern: total), id: id) else {
+                            throw LedgerError.damaged(self.path, "series \(id) of \(family.name) repeats the labels of another series: \(text.prefix(200))")
+                        }
                         self.stored.insert(id)
                         restored.series += 1
                     }
                 }
+                let outcomeReader = LabelsJSON.Reader(names: ["outcome"])
                 let outcomes = try Row.fetchCursor(db, sql: "SELECT id, labels, total FROM series WHERE metric_id = ?", arguments: [self.outcomesMetricID])
                 while let row = try outcomes.next() {
                     let id: Int64 = row[0]
-                    if let labels = LabelsJSON.decode(row[1], names: ["outcome"]), let outcome = CallbackOutcome(rawValue: labels[0]) {
+                    if let labels = outcomeReader.decode(row[1]), let outcome = CallbackOutcome(rawValue: labels[0]) {
                         metrics.restore(outcome, count: UInt64(bitPattern: row[2] as Int64))
                         self.outcomeSeries[outcome] = id
                         self.stored.insert(id)

@@ -110,20 +110,40 @@ private func ledger(_ directory: ScratchDirectory, _ metrics: UsageMetrics, rete
     @Test(arguments: ["plain", "quote\"back\\slash", "line\nbreak\ttab\u{1}", "caf\u{E9}", "cafe\u{301}", "\u{1F600}", "/v1/x?y=1&z", ""])
     func labelsRoundTrip(value: String) {
         let text = LabelsJSON.encode([value, "g"], names: ["user", "groups"])
-        let back = LabelsJSON.decode(text, names: ["user", "groups"])
+        let back = LabelsJSON.Reader(names: ["user", "groups"]).decode(text)
         #expect(back?.count == 2)
         #expect(back.map { Array($0[0].utf8) } == Array(value.utf8))
     }
 
     @Test func labelsOfAnotherShapeDoNotReadBack() {
-        #expect(LabelsJSON.decode(#"{"user":"a","groups":"g"}"#, names: ["groups", "user"]) == nil)
-        #expect(LabelsJSON.decode(#"{"user":"a"}"#, names: ["user", "groups"]) == nil)
-        #expect(LabelsJSON.decode(#"{"user":"a","groups":"g","x":"1"}"#, names: ["user", "groups"]) == nil)
-        #expect(LabelsJSON.decode(#"{"user":"\ud800"}"#, names: ["user"]) == nil)
-        // Escapes `encode` would not write: the same value, but not the same row.
-        #expect(LabelsJSON.decode(#"{"user":"\u00e9"}"#, names: ["user"]) == nil)
-        #expect(LabelsJSON.decode(#"{"user": "a"}"#, names: ["user"]) == nil)
-        #expect(LabelsJSON.decode("{\"user\":\"\u{E9}\u{1F600}\"}", names: ["user"]) == ["\u{E9}\u{1F600}"])
+        let reader = LabelsJSON.Reader(names: ["user", "groups"])
+        #expect(reader.decode(#"{"user":"a"}"#) == nil)
+        #expect(reader.decode(#"{"user":"a","groups":5}"#) == nil)
+        #expect(reader.decode(#"{"user":"a","user":"b","groups":"g"}"#) == nil)
+        #expect(reader.decode(#"["a","g"]"#) == nil)
+        #expect(reader.decode(#"{"user":"\ud800","groups":"g"}"#) == nil)
+        // Order and escapes are JSON's business; the values are what count.
+        #expect(reader.decode(#"{"groups":"g","user":"\u00e9"}"#) == ["\u{E9}", "g"])
+    }
+
+    /// Two rows with the same labels would restore as one series and lose a count: refused.
+    @Test func twoRowsWithTheSameLabelsAreRefused() throws {
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics()
+        let store = try ledger(directory, metrics)
+        try store.restore(into: metrics, requestIDs: nil, now: now)
+        var batch = LedgerBatch()
+        batch.add(metrics.count(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: now)
+        try store.commit(batch, now: now)
+        store.close()
+        _ = directory.sql("INSERT INTO series (id, metric_id, labels, total) VALUES (999, 1, json_object('groups', 'g', 'user', 'a', 'path', '/p'), 5)")
+        let reopened = UsageMetrics()
+        #expect {
+            _ = try ledger(directory, reopened).restore(into: reopened, requestIDs: nil, now: now)
+        } throws: { error in
+            guard case .damaged(_, let reason) = error as? LedgerError else { return false }
+            return reason.contains("repeats the labels of another series")
+        }
     }
 
     // MARK: startup refusals
