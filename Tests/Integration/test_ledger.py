@@ -1053,29 +1053,31 @@ def test_every_ledger_flag_is_in_help():
         assert f"(env: {variable}" in text, variable
 
 
+LEDGER_SETTINGS = ("state_dir", "fsync", "fsync_interval_seconds", "ledger_retention_days", "dedupe_header",
+                   "dedupe_window_seconds", "dedupe_max_ids")
+
+
+def ledger_settings_shown(service):
+    """The ledger's settings as /debug's configuration shows them; stops the service."""
+    try:
+        configuration = json.loads(request(service.port, "GET", "/debug")[2])["configuration"]
+        return {k: configuration[k] for k in LEDGER_SETTINGS}
+    finally:
+        stop(service.process)
+
+
 def test_debug_shows_the_ledger_settings(tmp_path):
     directory = str(tmp_path / "ledger")
     service = Service("--state-dir", directory, "--fsync", "interval", "--fsync-interval", "3", "--ledger-retention-days", "31",
                       "--dedupe-header", "x-call-id", "--dedupe-window", "120", "--dedupe-max-ids", "5000")
-    try:
-        configuration = json.loads(request(service.port, "GET", "/debug")[2])["configuration"]
-        assert {k: configuration[k] for k in ("state_dir", "fsync", "fsync_interval_seconds", "ledger_retention_days",
-                                              "dedupe_header", "dedupe_window_seconds", "dedupe_max_ids")} == {
-            "state_dir": directory, "fsync": "interval", "fsync_interval_seconds": 3, "ledger_retention_days": 31,
-            "dedupe_header": "x-call-id", "dedupe_window_seconds": 120, "dedupe_max_ids": 5000}
-    finally:
-        stop(service.process)
+    assert ledger_settings_shown(service) == {
+        "state_dir": directory, "fsync": "interval", "fsync_interval_seconds": 3, "ledger_retention_days": 31,
+        "dedupe_header": "x-call-id", "dedupe_window_seconds": 120, "dedupe_max_ids": 5000}
     env = {"PATH": "/usr/bin:/bin", "USAGE_TRACKING_STATE_DIR": directory, "USAGE_TRACKING_FSYNC": "always",
            "USAGE_TRACKING_DEDUPE_WINDOW": "7"}
-    service = Service(env=env)
-    try:
-        configuration = json.loads(request(service.port, "GET", "/debug")[2])["configuration"]
-        assert {k: configuration[k] for k in ("state_dir", "fsync", "fsync_interval_seconds", "ledger_retention_days",
-                                              "dedupe_header", "dedupe_window_seconds", "dedupe_max_ids")} == {
-            "state_dir": directory, "fsync": "always", "fsync_interval_seconds": 1, "ledger_retention_days": 400,
-            "dedupe_header": "x-request-id", "dedupe_window_seconds": 7, "dedupe_max_ids": 1000000}
-    finally:
-        stop(service.process)
+    assert ledger_settings_shown(Service(env=env)) == {
+        "state_dir": directory, "fsync": "always", "fsync_interval_seconds": 1, "ledger_retention_days": 400,
+        "dedupe_header": "x-request-id", "dedupe_window_seconds": 7, "dedupe_max_ids": 1000000}
 
 
 @pytest.mark.parametrize("mode, at_least, at_most", [("always", 20, None), ("interval", None, 5)])

@@ -43,6 +43,19 @@ private func ledger(_ directory: ScratchDirectory, _ metrics: UsageMetrics, rete
     try UsageLedger(directory: directory.path, families: metrics.families, seriesIDs: metrics.seriesIDs, retentionDays: retentionDays)
 }
 
+/// A closed ledger holding one callback of `llm_requests_total{user="a",groups="g",path="/p"}`.
+private func ledgerWithOneSeries() throws -> ScratchDirectory {
+    let directory = ScratchDirectory()
+    let metrics = UsageMetrics()
+    let store = try ledger(directory, metrics)
+    try store.restore(into: metrics, requestIDs: nil, now: now)
+    var batch = LedgerBatch()
+    batch.add(metrics.count(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: now)
+    try store.commit(batch, now: now)
+    store.close()
+    return directory
+}
+
 @Suite struct UsageLedgerTests {
     /// What one process committed, a second process on the same directory exposes exactly, and the
     /// ledger's own tables say the same (totals, hourly buckets, request ids).
@@ -128,14 +141,7 @@ private func ledger(_ directory: ScratchDirectory, _ metrics: UsageMetrics, rete
 
     /// Two rows with the same labels would restore as one series and lose a count: refused.
     @Test func twoRowsWithTheSameLabelsAreRefused() throws {
-        let directory = ScratchDirectory()
-        let metrics = UsageMetrics()
-        let store = try ledger(directory, metrics)
-        try store.restore(into: metrics, requestIDs: nil, now: now)
-        var batch = LedgerBatch()
-        batch.add(metrics.count(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: now)
-        try store.commit(batch, now: now)
-        store.close()
+        let directory = try ledgerWithOneSeries()
         _ = directory.sql("INSERT INTO series (id, metric_id, labels, total) VALUES (999, 1, json_object('groups', 'g', 'user', 'a', 'path', '/p'), 5)")
         let reopened = UsageMetrics()
         #expect {
@@ -212,14 +218,7 @@ private func ledger(_ directory: ScratchDirectory, _ metrics: UsageMetrics, rete
 
     /// Series of a metric the config no longer has stay in the ledger and are reported, not exposed.
     @Test func seriesOfARemovedMetricAreKeptAndReported() throws {
-        let directory = ScratchDirectory()
-        let metrics = UsageMetrics()
-        let store = try ledger(directory, metrics)
-        try store.restore(into: metrics, requestIDs: nil, now: now)
-        var batch = LedgerBatch()
-        batch.add(metrics.count(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: now)
-        try store.commit(batch, now: now)
-        store.close()
+        let directory = try ledgerWithOneSeries()
         let schema = try MeteringSchema.parse(
             """
             metrics:
