@@ -586,27 +586,37 @@ def test_dedupe_max_ids_forgets_the_oldest_and_counts_evictions():
 
 # --- 4. refusals at startup ---------------------------------------------------------------------
 
-def refused(directory, *arguments, wrapper=(), binary=BINARY):
-    """Starts the binary on `directory` expecting it to refuse: the critical line's error."""
-    process = subprocess.Popen([*wrapper, binary, "--host", "127.0.0.1", "--port", "0", "--state-dir", directory, *arguments],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_expecting_refusal(command, env=None):
+    """Runs `command` expecting the binary to refuse to start: (exit status, output). One that starts
+    listening instead is killed at once and reported with status None."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     try:
         deadline = time.time() + 20
         while time.time() < deadline:
             line = process.stdout.readline()
             if not line:
-                break
+                return process.wait(timeout=10), "".join(lines)
             lines.append(line)
             if '"msg":"listening"' in line:
-                pytest.fail("started instead of refusing:\n" + "".join(lines))
-        assert process.wait(timeout=10) != 0
+                break
+        return None, "".join(lines)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def refused(directory, *arguments, wrapper=(), binary=BINARY):
+    """Starts the binary on `directory` expecting it to refuse: the critical line's error."""
+    status, output = run_expecting_refusal(
+        [*wrapper, binary, "--host", "127.0.0.1", "--port", "0", "--state-dir", directory, *arguments])
+    if status is None:
+        pytest.fail("started instead of refusing:\n" + output)
+    assert status != 0
+    lines = output.splitlines()
     critical = [json.loads(line) for line in lines if line.startswith("{") and '"level":"critical"' in line]
-    assert len(critical) == 1 and critical[0]["msg"] == "cannot start", "".join(lines)
+    assert len(critical) == 1 and critical[0]["msg"] == "cannot start", output
     return critical[0]["error"]
 
 
@@ -995,25 +1005,9 @@ def test_a_million_series_restore_in_under_5_seconds(tmp_path, record_property):
 # --- 7. flags -----------------------------------------------------------------------------------
 
 def startup_failure(arguments=(), env=None):
-    """Runs the binary expecting it to refuse its settings: (exit status, output). One that starts
-    listening instead is killed at once and reported with status None."""
-    process = subprocess.Popen([BINARY, "--host", "127.0.0.1", "--port", "0", *arguments], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={"PATH": "/usr/bin:/bin", **(env or {})})
-    lines = []
-    try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                return process.wait(timeout=10), "".join(lines)
-            lines.append(line)
-            if '"msg":"listening"' in line:
-                break
-        return None, "".join(lines)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    """Runs the binary with only `env` set, expecting it to refuse its settings."""
+    return run_expecting_refusal([BINARY, "--host", "127.0.0.1", "--port", "0", *arguments],
+                                 env={"PATH": "/usr/bin:/bin", **(env or {})})
 
 
 @pytest.mark.parametrize("arguments,env,message", [
