@@ -41,13 +41,9 @@ public final class RequestIDWindow: Sendable {
         self.state = Mutex(State())
     }
 
-    public static func digest<Bytes: Sequence<UInt8>>(_ id: Bytes) -> UInt64 {
-        var hash = SHA256()
-        hash.update(data: Array(id))
-        return hash.finalize().withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+    public static func digest(_ id: String) -> UInt64 {
+        SHA256.hash(data: Array(id.utf8)).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
     }
-
-    public static func digest(_ id: String) -> UInt64 { Self.digest(id.utf8) }
 
     /// True when `digest` was not seen within the window, and is now recorded as seen at `now`.
     public func claim(_ digest: UInt64, at now: Int64) -> Bool {

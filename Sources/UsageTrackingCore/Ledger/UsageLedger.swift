@@ -172,6 +172,8 @@ public final class UsageLedger {
     /// is written and the caller keeps it. `now` is wall-clock seconds.
     public func commit(_ batch: LedgerBatch, now: Int64) throws(LedgerError) {
         var inserted: [Int64] = []
+        // Old hours and expired request ids are deleted at most once a minute.
+        let prune = now - self.lastPrune >= 60
         do {
             try self.queue.writeWithoutTransaction { db in
                 try db.inTransaction(.immediate) {
@@ -181,14 +183,18 @@ public final class UsageLedger {
                     // costs one bind and one step per table rather than per row.
                     let insertSeries = try db.cachedStatement(sql: "INSERT INTO series (id, metric_id, labels, total) VALUES (?, ?, ?, ?)")
                     var additions = JSONRows()
-                    for (id, total) in batch.totals {
+                    /// Adds to a stored series; a series not stored yet is inserted with its labels.
+                    func add(_ amount: UInt64, to id: Int64, metric: Int64, labels: @autoclosure () -> String) throws {
                         if self.stored.contains(id) {
-                            additions.append(id, Int64(bitPattern: total.amount))
+                            additions.append(id, Int64(bitPattern: amount))
                         } else {
-                            let labels = LabelsJSON.encode(total.series.labels, names: self.families[total.family].labelNames)
-                            try insertSeries.execute(arguments: [id, self.metricIDs[total.family], labels, Int64(bitPattern: total.amount)])
+                            try insertSeries.execute(arguments: [id, metric, labels(), Int64(bitPattern: amount)])
                             inserted.append(id)
                         }
+                    }
+                    for (id, total) in batch.totals {
+                        let family = self.families[total.family]
+                        try add(total.amount, to: id, metric: self.metricIDs[total.family], labels: LabelsJSON.encode(total.series.labels, names: family.labelNames))
                     }
                     var hours = JSONRows()
                     for (key, amount) in batch.hourly { hours.append(key.id, key.hour, Int64(bitPattern: amount)) }
@@ -198,14 +204,7 @@ public final class UsageLedger {
                         hours.append(self.outcomeSeries[key.outcome]!, key.hour, Int64(bitPattern: count))
                     }
                     for (outcome, count) in outcomeTotals {
-                        let id = self.outcomeSeries[outcome]!
-                        if self.stored.contains(id) {
-                            additions.append(id, Int64(bitPattern: count))
-                        } else {
-                            let labels = LabelsJSON.encode([outcome.rawValue], names: ["outcome"])
-                            try insertSeries.execute(arguments: [id, self.outcomesMetricID, labels, Int64(bitPattern: count)])
-                            inserted.append(id)
-                        }
+                        try add(count, to: self.outcomeSeries[outcome]!, metric: self.outcomesMetricID, labels: LabelsJSON.encode([outcome.rawValue], names: ["outcome"]))
                     }
                     var requestIDs = JSONRows()
                     for (digest, seen) in batch.requestIDs { requestIDs.append(Int64(bitPattern: digest), seen) }
@@ -228,7 +227,7 @@ public final class UsageLedger {
                             """).execute(arguments: [requestIDs.closed])
                     }
                     try db.cachedStatement(sql: "UPDATE ledger_state SET value = ? WHERE key = 'last_commit'").execute(arguments: [now])
-                    if now - self.lastPrune >= 60 {
+                    if prune {
                         try db.execute(sql: "DELETE FROM usage_hourly WHERE hour < ?", arguments: [LedgerBatch.hour(of: now) - self.retention])
                         try db.execute(sql: "DELETE FROM request_id WHERE seen <= ?", arguments: [now - self.requestIDWindow])
                     }
@@ -238,7 +237,7 @@ public final class UsageLedger {
         } catch {
             throw Self.failure(self.path, error)
         }
-        if now - self.lastPrune >= 60 { self.lastPrune = now }
+        if prune { self.lastPrune = now }
         for id in inserted { self.stored.insert(id) }
     }
 
