@@ -11,11 +11,11 @@ import UsageTrackingCore
 /// off the loop (`/metrics` rendering, a callback's ledger commit) or the socket is not taking
 /// writes; then it waits in `waiting`.
 ///
-/// Backpressure: while anything waits, while a reply renders, or while the channel is not
-/// writable, the handler holds back `read`, so the socket is not read again until the replies
-/// drain. What one connection can make the server hold is therefore one socket read cycle of
-/// requests (each body within `--max-body-bytes`), the outbound buffer up to its high water mark,
-/// and one reply.
+/// Backpressure: while anything waits, while a reply renders (a ledger commit excepted, see
+/// `mayRead`), or while the channel is not writable, the handler holds back `read`, so the
+/// socket is not read again until the replies drain. What one connection can make the server
+/// hold is therefore one socket read cycle of requests (each body within `--max-body-bytes`),
+/// the outbound buffer up to its high water mark, and one reply.
 ///
 /// Replies are flushed once per socket read, so a pipelined batch goes out in one write.
 final class HTTPConnectionHandler: ChannelDuplexHandler {

@@ -1099,3 +1099,29 @@ def test_fsync_mode_decides_when_the_disk_is_synced(tmp_path, mode, at_least, at
         assert len(syncs) >= at_least, syncs
     if at_most is not None:
         assert len(syncs) <= at_most, syncs
+
+
+def test_pipelined_callbacks_wait_for_their_commits_in_order(tmp_path):
+    """Five callbacks pipelined on one connection in always mode, two repeating an earlier id,
+    then a scrape: six replies in order, the scrape already showing the three counted and the two
+    duplicates, and no series for the duplicates' users."""
+    service = Service("--state-dir", str(tmp_path / "state"))
+    try:
+        raw = b""
+        for i in range(5):
+            body = json.dumps({"user": f"pipe{i}", "groups": "g", "path": "/v1/completions"}).encode()
+            raw += (b"POST /track HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nx-request-id: pipe-%d\r\n"
+                    b"Content-Length: %d\r\n\r\n" % (i % 3, len(body))) + body
+        raw += b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+            connection.sendall(raw)
+            received = b""
+            while chunk := connection.recv(65536):
+                received += chunk
+        text = received.decode()
+        assert re.findall(r"^HTTP/1\.1 (\d+)", text, re.M) == ["202"] * 5 + ["200"]
+        users = sorted(re.findall(r'^llm_requests_total\{user="(pipe\d)"[^}]*\} (\d+)$', text, re.M))
+        assert users == [("pipe0", "1"), ("pipe1", "1"), ("pipe2", "1")]
+        assert 'usage_tracking_callbacks_total{outcome="duplicate"} 2' in text
+    finally:
+        stop(service.process)
