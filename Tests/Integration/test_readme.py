@@ -8,6 +8,7 @@ Comparison rules for console output, the only liberties taken:
 - a last expected line `...` stands for whatever output follows;
 - trailing newlines at the end of an output are ignored.
 """
+import datetime
 import json
 import os
 import re
@@ -141,31 +142,86 @@ def test_ledger_component_shown_builds_into_the_overlay_shown(tmp_path):
     assert f"`{one(objects, 'ConfigMap')['data']['USAGE_TRACKING_STATE_DIR']}`" in section
 
 
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+
+def at(moment):
+    """A wrapper that runs the binary with its wall clock starting at `moment` (UTC), through
+    Debian's libfaketime preloaded; the monotonic clock its timers use is left alone. Each step
+    execs the next, so the process signalled is the binary's. The shell is there because the
+    Swift binary exec'd straight from `env` under libfaketime sees no arguments (seen here)."""
+    assert os.path.exists(FAKETIME), "libfaketime missing; Tests/run-suite installs Debian's faketime"
+    return ("env", f"LD_PRELOAD={FAKETIME}", f"FAKETIME=@{moment}", "TZ=UTC", "FAKETIME_DONT_FAKE_MONOTONIC=1",
+            "sh", "-c", 'exec "$0" "$@"')
+
+
+def kill(service):
+    """Ends a binary run under libfaketime with SIGKILL: libfaketime's semaphore waits can leave
+    libdispatch's workers asleep at shutdown (a hang seen here, never without it). In `always`
+    mode every 202 was committed before it was sent, so nothing counted depends on the exit."""
+    service.process.kill()
+    service.process.wait()
+
+
+def month_query(query, copy, month):
+    """The README's query for `month` (its two bounds each replaced once, from the text as written)."""
+    first, following = month, (month.replace(day=28) + datetime.timedelta(days=4)).replace(day=1)
+    bounds = {"2026-11-01": first.isoformat(), "2026-12-01": following.isoformat()}
+    assert all(query.count(bound) == 1 for bound in bounds), query
+    return re.sub("|".join(bounds), lambda m: bounds[m.group()], query.replace("/tmp/ledger.sqlite", str(copy)))
+
+
 def test_ledger_query_shown_reads_what_was_counted(tmp_path):
-    """The README's snapshot and invoice query, run against a ledger the binary wrote: the month's
-    requests per user equal what was sent (the month is the current one, so the hours fall in it)."""
+    """The README's snapshot and invoice query, run as written against a ledger the binary wrote
+    with its clock pinned to the last hour of the README's month (November 2026), and again
+    after a restart (from kill -9) just past midnight into December: each count is billed to its own month,
+    whatever today's date. (Where `interval` mode books a count acknowledged before midnight
+    but committed after it: `UsageLedgerTests`.)"""
     need("sqlite3")
     block = next(b for b in blocks("sh") if "--snapshot-ledger" in b)
     snapshot, query = block.split("\n", 1)
     state = tmp_path / "state"
-    service = Service("--state-dir", str(state))
+    copy = tmp_path / "ledger.sqlite"
+
+    def send(service, user, times):
+        for _ in range(times):
+            assert service.track(json.dumps({"user": user, "groups": "g", "path": "/v1/completions"})) == 202
+
+    service = Service("--state-dir", str(state), wrapper=at("2026-11-30 23:59:00"))
     try:
-        for user, times in [("alice", 3), ("bob", 1)]:
-            for _ in range(times):
-                assert service.track(json.dumps({"user": user, "groups": "g", "path": "/v1/completions"})) == 202
-        copy = tmp_path / "ledger.sqlite"
+        send(service, "alice", 3)
+        send(service, "bob", 1)
+    finally:
+        kill(service)
+    service = Service("--state-dir", str(state), wrapper=at("2026-12-01 00:00:00"))
+    try:
+        send(service, "carol", 2)
         run = snapshot.replace("usage-tracking", service.binary, 1).replace("/var/lib/usage-tracking", str(state))
         run = run.replace("/tmp/ledger.sqlite", str(copy))
         result = subprocess.run(run, shell=True, capture_output=True, text=True, timeout=20)
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"ledger copied to {copy}\n"
     finally:
-        service.stop()
-    month = time.strftime("%Y-%m-01", time.gmtime())
-    following = time.strftime("%Y-%m-01", time.gmtime(time.time() + 32 * 86400 - (time.gmtime().tm_mday - 1) * 86400))
-    run = query.replace("/tmp/ledger.sqlite", str(copy)).replace("2026-11-01", month).replace("2026-12-01", following)
-    result = subprocess.run(run, shell=True, capture_output=True, text=True, timeout=20)
-    assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.strip().split("\n")]
-    assert rows[0] == ["user", "requests"]
-    assert rows[2:] == [["alice", "3"], ["bob", "1"]]
+        kill(service)
+
+    def rows(query):
+        result = subprocess.run(query, shell=True, capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, result.stderr
+        if not result.stdout:
+            return []  # sqlite3 prints no header for no rows
+        lines = [line.split() for line in result.stdout.strip().split("\n")]
+        assert lines[0] == ["user", "requests"]
+        return lines[2:]
+
+    assert rows(query.replace("/tmp/ledger.sqlite", str(copy))) == [["alice", "3"], ["bob", "1"]]
+    assert rows(month_query(query, copy, datetime.date(2026, 12, 1))) == [["carol", "2"]]
+    assert rows(month_query(query, copy, datetime.date(2026, 10, 1))) == []
+
+
+def test_month_query_bounds_are_replaced_once():
+    """The substitution above cannot chain (December's first bound is November's second)."""
+    query = "h.hour >= unixepoch('2026-11-01') AND h.hour < unixepoch('2026-12-01') FROM /tmp/ledger.sqlite"
+    assert month_query(query, "x", datetime.date(2026, 12, 1)) == \
+        "h.hour >= unixepoch('2026-12-01') AND h.hour < unixepoch('2027-01-01') FROM x"
+    assert month_query(query, "x", datetime.date(2028, 2, 1)) == \
+        "h.hour >= unixepoch('2028-02-01') AND h.hour < unixepoch('2028-03-01') FROM x"

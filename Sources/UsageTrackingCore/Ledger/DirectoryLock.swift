@@ -6,17 +6,19 @@ import Glibc
 final class DirectoryLock {
     private var fd: Int32
 
+    /// The descriptor is a local until the lock is held: a class whose initializer throws still
+    /// runs its deinit, which would close it a second time (and maybe another file's by then).
     init(directory: String, name: String) throws(LedgerError) {
         let path = directory.hasSuffix("/") ? directory + name : directory + "/" + name
-        self.fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard self.fd >= 0 else {
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
             throw .unusableDirectory(directory, "cannot write in it: \(String(cString: strerror(errno)))")
         }
-        guard flock(self.fd, LOCK_EX | LOCK_NB) == 0 else {
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             let reason = errno
             var holder = [UInt8](repeating: 0, count: 512)
-            let count = holder.withUnsafeMutableBytes { pread(self.fd, $0.baseAddress, $0.count, 0) }
-            close(self.fd)
+            let count = holder.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+            close(fd)
             guard reason == EWOULDBLOCK else { throw .unusableDirectory(directory, "cannot lock \(path): \(String(cString: strerror(reason)))") }
             let text = String(decoding: holder.prefix(max(0, count)), as: UTF8.self).trimmingTrailingNewlines
             throw .locked(directory, text.isEmpty ? "holder unknown" : text)
@@ -25,11 +27,12 @@ final class DirectoryLock {
         gethostname(&host, host.count - 1)
         let hostName = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         let text = "pid \(getpid()) on \(hostName) since \(Self.utcNow())\n"
-        guard ftruncate(self.fd, 0) == 0, pwrite(self.fd, text, text.utf8.count, 0) == text.utf8.count else {
+        guard ftruncate(fd, 0) == 0, pwrite(fd, text, text.utf8.count, 0) == text.utf8.count else {
             let reason = String(cString: strerror(errno))
-            close(self.fd)
+            close(fd)
             throw .unusableDirectory(directory, "cannot write in it: \(reason)")
         }
+        self.fd = fd
     }
 
     func release() {

@@ -119,6 +119,30 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
         #expect(directory.sql("SELECT total FROM series WHERE id = \(series[0]!.id)") == "4\n")
     }
 
+    /// A count is booked in the UTC hour it was acknowledged in, not the hour of its commit: the
+    /// last second of a month, of a year and of a leap day, committed a second after midnight
+    /// (as `interval` mode does), stay in the hour before midnight; the next callback is in the
+    /// new day. Pinned times, so this holds on any date.
+    @Test(arguments: [
+        (Int64(1_796_083_199), Int64(1_796_079_600)),  // 2026-11-30T23:59:59Z, its hour 23:00
+        (Int64(1_830_297_599), Int64(1_830_294_000)),  // 2027-12-31T23:59:59Z
+        (Int64(1_835_481_599), Int64(1_835_478_000)),  // 2028-02-29T23:59:59Z
+    ])
+    func countsStayInTheHourTheyWereAcknowledgedIn(lastSecond: Int64, itsHour: Int64) throws {
+        #expect(LedgerBatch.hour(of: lastSecond) == itsHour && LedgerBatch.hour(of: lastSecond + 1) == lastSecond + 1)
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics()
+        let store = try ledger(directory, metrics)
+        try store.restore(into: metrics, requestIDs: nil, now: lastSecond)
+        var batch = LedgerBatch()
+        batch.add(metrics.count(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: lastSecond)
+        batch.add(metrics.count(Callback(user: "b", groups: "g", path: "/p")), amounts: [], at: lastSecond + 1)
+        try store.commit(batch, now: lastSecond + 1)
+        store.close()
+        #expect(directory.sql("SELECT json_extract(labels, '$.user'), hour FROM usage_hourly JOIN series ON series.id = series_id WHERE metric_id = 1 ORDER BY 1")
+            == "a|\(itsHour)\nb|\(lastSecond + 1)\n")
+    }
+
     /// Labels go in and out of the ledger byte for byte, whatever a caller put in them.
     @Test(arguments: ["plain", "quote\"back\\slash", "line\nbreak\ttab\u{1}", "caf\u{E9}", "cafe\u{301}", "\u{1F600}", "/v1/x?y=1&z", ""])
     func labelsRoundTrip(value: String) {
