@@ -105,7 +105,6 @@ class Service:
             match = re.search(r'"msg":"listening","address":"[^"]*:(\d+)"', line)
             if match:
                 self.port = int(match.group(1))
-                self.listening_at = time.monotonic()
                 threading.Thread(target=self._drain, daemon=True).start()
                 return
         stop(self.process)
