@@ -10,6 +10,12 @@ public final class UsageMetrics: Sendable {
 
     /// The first family: `llm_requests_total{user,groups,path}` under the built-in schema.
     public var requests: CounterFamily { self.families[0] }
+    /// The token families (`schema.tokens`), after the `/track` ones in `families`; empty unless
+    /// the service reads model answers (`--ext-proc-port`).
+    public var tokenFamilies: ArraySlice<CounterFamily> { self.families[self.schema.metrics.count...] }
+    /// Model answers' streams by outcome, indexed like `TokenStreamOutcome.allCases`; empty
+    /// unless the service reads model answers.
+    private let tokenStreams: [OutcomeCounter]
 
     /// What happened to each callback, indexed like `CallbackOutcome.allCases`. A fixed set, so
     /// plain atomics: recording an outcome costs no lock, hash or allocation.
@@ -40,14 +46,14 @@ public final class UsageMetrics: Sendable {
         schema: MeteringSchema = .default, newSeriesHoldNanoseconds: UInt64 = 0,
         clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds,
         droppedLogLines: @escaping @Sendable () -> UInt64 = { 0 },
-        requestIDs: RequestIDWindow? = nil, ledger: LedgerHealth? = nil
+        requestIDs: RequestIDWindow? = nil, ledger: LedgerHealth? = nil, countsTokens: Bool = false
     ) {
         self.schema = schema
         self.requestIDs = requestIDs
         self.ledger = ledger
         let templates = RouteTemplates(RouteTemplates.builtIn + schema.routes).templates
         let ids = self.seriesIDs
-        self.families = schema.metrics.map { metric in
+        self.families = (schema.metrics + (countsTokens ? schema.tokens : [])).map { metric in
             CounterFamily(
                 name: metric.name, help: metric.help, labelNames: metric.labels.map(\.name),
                 maxSeries: metric.maxSeries, maxValues: metric.labels.map(\.maxValues),
@@ -57,6 +63,7 @@ public final class UsageMetrics: Sendable {
             )
         }
         self.droppedLogLines = droppedLogLines
+        self.tokenStreams = countsTokens ? TokenStreamOutcome.allCases.map { _ in OutcomeCounter() } : []
     }
 
     /// Counts an accepted callback in every family (a family whose value field was absent skips
@@ -65,16 +72,17 @@ public final class UsageMetrics: Sendable {
     /// Returns the series counted, per family (nil where skipped), for the ledger.
     @discardableResult
     public func count(_ callback: Callback) -> [SeriesHandle?] {
-        self.families.enumerated().map { index, family in
-            callback.amount(forFamily: index).map { family.increment(callback.series[index], by: $0) }
+        // A callback's series cover the `/track` families; a token count's cover them all.
+        callback.series.indices.map { index in
+            callback.amount(forFamily: index).map { self.families[index].increment(callback.series[index], by: $0) }
         }
     }
 
     /// The series `callback` would count in, without counting it (see `CounterFamily.reserve`):
     /// the ledger's `always` mode counts only once the increment is committed (`add`).
     public func resolve(_ callback: Callback) -> [SeriesHandle?] {
-        self.families.enumerated().map { index, family in
-            callback.amount(forFamily: index).map { _ in family.reserve(callback.series[index]) }
+        callback.series.indices.map { index in
+            callback.amount(forFamily: index).map { _ in self.families[index].reserve(callback.series[index]) }
         }
     }
 
@@ -95,6 +103,14 @@ public final class UsageMetrics: Sendable {
     }
 
     public static let callbacksName = "usage_tracking_callbacks_total"
+
+    public func record(_ outcome: TokenStreamOutcome) {
+        self.tokenStreams[TokenStreamOutcome.allCases.firstIndex(of: outcome)!].value.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    public func count(of outcome: TokenStreamOutcome) -> UInt64 {
+        self.tokenStreams.isEmpty ? 0 : self.tokenStreams[TokenStreamOutcome.allCases.firstIndex(of: outcome)!].value.load(ordering: .relaxed)
+    }
 
     public func count(of outcome: CallbackOutcome) -> UInt64 {
         self.outcomes[outcome.index].value.load(ordering: .relaxed)
@@ -117,6 +133,14 @@ public final class UsageMetrics: Sendable {
         writer.family(callbacks, help: "Callbacks received on /track, by outcome: accepted, or the reason they were not counted.", type: .counter)
         for (outcome, count) in self.outcomeCounts {
             writer.sample(callbacks, labels: ["outcome"], values: [outcome.rawValue], value: count)
+        }
+
+        if !self.tokenStreams.isEmpty {
+            let name = TokenStreamOutcome.metricName
+            writer.family(name, help: "Model answers read through Envoy's External Processing filter, by outcome: counted, or why not.", type: .counter)
+            for outcome in TokenStreamOutcome.allCases.sorted(by: { $0.rawValue < $1.rawValue }) {
+                writer.sample(name, labels: ["outcome"], values: [outcome.rawValue], value: self.count(of: outcome))
+            }
         }
 
         writer.family(Self.durationName, help: "Time from a request's head arriving to its reply being written, by route.", type: .histogram)

@@ -32,7 +32,10 @@ final class LedgerWriter: Sendable {
     }
 
     private struct Waiter {
-        var callback: Callback
+        /// One `/track` callback, or a model answer's token counts.
+        var callbacks: [Callback]
+        /// Whether this is a `/track` callback, counted in `usage_tracking_callbacks_total`.
+        var isCallback: Bool
         var digest: UInt64?
         var promise: EventLoopPromise<Verdict>
     }
@@ -82,10 +85,19 @@ final class LedgerWriter: Sendable {
 
     /// `always` mode: hands a callback over; the future says what became of it.
     func commit(_ callback: Callback, digest: UInt64?, on eventLoop: EventLoop) -> EventLoopFuture<Verdict> {
-        let promise = eventLoop.makePromise(of: Verdict.self)
+        self.commit(Waiter(callbacks: [callback], isCallback: true, digest: digest, promise: eventLoop.makePromise()))
+    }
+
+    /// `always` mode: hands a model answer's token counts over as one unit.
+    func commit(tokens: [Callback], digest: UInt64?, on eventLoop: EventLoop) -> EventLoopFuture<Verdict> {
+        self.commit(Waiter(callbacks: tokens, isCallback: false, digest: digest, promise: eventLoop.makePromise()))
+    }
+
+    private func commit(_ waiter: Waiter) -> EventLoopFuture<Verdict> {
+        let promise = waiter.promise
         let (signal, accepted) = self.pending.withLock { pending -> (Bool, Bool) in
             guard !pending.stopping else { return (false, false) }
-            pending.waiters.append(Waiter(callback: callback, digest: digest, promise: promise))
+            pending.waiters.append(waiter)
             guard pending.idle else { return (false, true) }
             pending.idle = false
             return (true, true)
@@ -100,6 +112,14 @@ final class LedgerWriter: Sendable {
         self.pending.withLock { pending in
             pending.batch.add(series, amounts: amounts, at: time)
             pending.batch.add(.accepted, at: time)
+            if let digest { pending.batch.add(requestID: digest, seen: time) }
+        }
+    }
+
+    /// `interval` mode: a model answer's token counts already counted in memory.
+    func record(tokens series: [[SeriesHandle?]], amounts: [[UInt64?]], digest: UInt64?, at time: Int64) {
+        self.pending.withLock { pending in
+            for (series, amounts) in zip(series, amounts) { pending.batch.add(series, amounts: amounts, at: time) }
             if let digest { pending.batch.add(requestID: digest, seen: time) }
         }
     }
@@ -152,17 +172,19 @@ final class LedgerWriter: Sendable {
                 if let digest = waiter.digest, let window = self.metrics.requestIDs {
                     guard window.claim(digest, at: now) else {
                         verdicts.append(.duplicate)
-                        duplicates += 1
+                        if waiter.isCallback { duplicates += 1 }
                         continue
                     }
                     claimed.append(digest)
                     batch.add(requestID: digest, seen: now)
                 }
-                let series = self.metrics.resolve(waiter.callback)
-                resolved.append((series, waiter.callback.amounts))
-                batch.add(series, amounts: waiter.callback.amounts, at: now)
+                for callback in waiter.callbacks {
+                    let series = self.metrics.resolve(callback)
+                    resolved.append((series, callback.amounts))
+                    batch.add(series, amounts: callback.amounts, at: now)
+                }
                 verdicts.append(.counted)
-                counted += 1
+                if waiter.isCallback { counted += 1 }
             }
             if counted > 0 { batch.add(.accepted, count: counted, at: now) }
             if duplicates > 0 { batch.add(.duplicate, count: duplicates, at: now) }

@@ -99,7 +99,7 @@ public struct CallbackDecoder: Sendable {
 
     // MARK: validation
 
-    private func validate(_ fields: ScannedFields, headers: [String?]) throws(CallbackRejection) -> Callback {
+    func validate(_ fields: ScannedFields, headers: [String?]) throws(CallbackRejection) -> Callback {
         let plan = self.plan
         var problems = Problems()
         for field in fields.repeated {

@@ -2,12 +2,20 @@
 /// the budgets that bound them. Loaded from `--config` (see `MeteringSchema.load`) or the
 /// built-in `default`, which is the original `llm_requests_total{user,groups,path}`.
 public struct MeteringSchema: Sendable, Equatable {
+    /// Families counted per `/track` callback.
     public var metrics: [Metric]
+    /// Families counted per model answer read through Envoy's External Processing filter: one
+    /// increment per token type the answer reports. Their labels come from the request's headers
+    /// (`header:`, `:path` included) and from the answer (`from: model`, `from: type`); each has
+    /// exactly one `type` label, since the types overlap (cached input is part of input) and
+    /// must never be summed into one series.
+    public var tokens: [Metric]
     /// Route templates added to the built-in ones for labels of kind `route`.
     public var routes: [String]
 
-    public init(metrics: [Metric], routes: [String] = []) {
+    public init(metrics: [Metric], tokens: [Metric] = MeteringSchema.defaultTokens, routes: [String] = []) {
         self.metrics = metrics
+        self.tokens = tokens
         self.routes = routes
     }
 
@@ -119,9 +127,33 @@ public struct MeteringSchema: Sendable, Equatable {
         )
     ])
 
+    /// The token families' built-in form: identity from the headers the AuthPolicy sets on
+    /// success (Authorino overwrites whatever a client sent in them), the path as `/track`
+    /// templates it, the model the answer names.
+    public static let defaultTokens = [
+        Metric(
+            name: "llm_tokens_total",
+            help: "Tokens in model answers by user, group, path, model and type (cached_input and cache_write are parts of input, reasoning of output).",
+            maxSeries: 250_000,
+            labels: [
+                Label(name: "user", source: .header("x-usage-user"), required: true, maxValues: 100_000),
+                Label(name: "groups", source: .header("x-usage-groups"), kind: .set, maxValues: 1_000),
+                Label(name: "path", source: .header(":path"), kind: .route, maxValues: 200),
+                Label(name: "model", source: .body(TokenField.model), defaultValue: "unknown", maxValues: 500),
+                Label(name: "type", source: .body(TokenField.type), required: true, maxValues: 5),
+            ]
+        )
+    ]
+
+    /// What a token family's `from:` may name: the answer's model and the token type.
+    public enum TokenField {
+        public static let model = "model"
+        public static let type = "type"
+    }
+
     /// Whether any label is hashed, so a key is needed.
     public var needsHMACKey: Bool {
-        self.metrics.contains { $0.labels.contains { $0.hash != nil } }
+        (self.metrics + self.tokens).contains { $0.labels.contains { $0.hash != nil } }
     }
 
     /// Metric and label names as Prometheus allows them; `__` is reserved for its own labels.

@@ -125,7 +125,7 @@ private struct ConfigReader {
     }
 
     func schema(_ root: Node) throws(LoadError) -> MeteringSchema {
-        let top = try self.mapping(root, "", allowed: ["metrics", "routes"])
+        let top = try self.mapping(root, "", allowed: ["metrics", "tokens", "routes"])
         guard let metricsNode = top["metrics"] else { throw self.error(root, "metrics", "required") }
         let metricNodes = try self.sequence(metricsNode, "metrics")
         guard !metricNodes.isEmpty else { throw self.error(metricsNode, "metrics", "must list at least one metric") }
@@ -141,6 +141,22 @@ private struct ConfigReader {
             }
             metrics.append(metric)
         }
+        var tokens = MeteringSchema.defaultTokens
+        if let tokensNode = top["tokens"] {
+            let nodes = try self.sequence(tokensNode, "tokens")
+            guard nodes.count <= MeteringSchema.maximumMetrics else {
+                throw self.error(tokensNode, "tokens", "at most \(MeteringSchema.maximumMetrics) metrics, got \(nodes.count)")
+            }
+            tokens = []
+            for (index, node) in nodes.enumerated() {
+                let key = "tokens[\(index)]"
+                let metric = try self.metric(node, key, answers: true)
+                guard names.insert(metric.name).inserted else {
+                    throw self.error(node, "\(key).name", "'\(metric.name)' is already a metric")
+                }
+                tokens.append(metric)
+            }
+        }
         var routes: [String] = []
         if let routesNode = top["routes"] {
             let nodes = try self.sequence(routesNode, "routes")
@@ -155,12 +171,14 @@ private struct ConfigReader {
                 routes.append(route)
             }
         }
-        return MeteringSchema(metrics: metrics, routes: routes)
+        return MeteringSchema(metrics: metrics, tokens: tokens, routes: routes)
     }
 
 
-    func metric(_ node: Node, _ key: String) throws(LoadError) -> MeteringSchema.Metric {
-        let fields = try self.mapping(node, key, allowed: ["name", "help", "max_series", "value", "labels"])
+    /// `answers`: a token family, whose labels read the request's headers and the answer's
+    /// `model` and `type`, and whose increment is the type's token count (no `value`).
+    func metric(_ node: Node, _ key: String, answers: Bool = false) throws(LoadError) -> MeteringSchema.Metric {
+        let fields = try self.mapping(node, key, allowed: answers ? ["name", "help", "max_series", "labels"] : ["name", "help", "max_series", "value", "labels"])
         guard let nameNode = fields["name"] else { throw self.error(node, "\(key).name", "required") }
         let name = try self.string(nameNode, "\(key).name")
         guard MeteringSchema.isValidMetricName(name) else {
@@ -188,11 +206,17 @@ private struct ConfigReader {
         }
         var labels: [MeteringSchema.Label] = []
         for (index, labelNode) in labelNodes.enumerated() {
-            let label = try self.label(labelNode, "\(key).labels[\(index)]")
+            let label = try self.label(labelNode, "\(key).labels[\(index)]", answers: answers)
             guard !labels.contains(where: { $0.name == label.name }) else {
                 throw self.error(labelNode, "\(key).labels[\(index)].name", "'\(label.name)' is already a label of \(name)")
             }
             labels.append(label)
+        }
+        if answers {
+            let types = labels.filter { $0.source == .body(MeteringSchema.TokenField.type) }
+            guard types.count == 1 else {
+                throw self.error(labelsNode, "\(key).labels", "needs exactly one label from type, got \(types.count): token types overlap (cached_input is part of input), so one series must never add them up")
+            }
         }
         return MeteringSchema.Metric(name: name, help: help, maxSeries: maxSeries, value: value, labels: labels)
     }
@@ -207,7 +231,7 @@ private struct ConfigReader {
         return field
     }
 
-    func label(_ node: Node, _ key: String) throws(LoadError) -> MeteringSchema.Label {
+    func label(_ node: Node, _ key: String, answers: Bool = false) throws(LoadError) -> MeteringSchema.Label {
         let fields = try self.mapping(node, key, allowed: ["name", "from", "header", "kind", "required", "default", "max_values", "hash"])
         guard let nameNode = fields["name"] else { throw self.error(node, "\(key).name", "required") }
         let name = try self.string(nameNode, "\(key).name")
@@ -217,10 +241,16 @@ private struct ConfigReader {
         let source: MeteringSchema.Source
         switch (fields["from"], fields["header"]) {
         case (let from?, nil):
-            source = .body(try self.fieldName(from, "\(key).from"))
+            let field = try self.fieldName(from, "\(key).from")
+            if answers, field != MeteringSchema.TokenField.model, field != MeteringSchema.TokenField.type {
+                throw self.error(from, "\(key).from", "a token family reads model or type from the answer (and headers with header:), got '\(field.truncated(toUTF8Bytes: 64))'")
+            }
+            source = .body(field)
         case (nil, let header?):
             let headerName = try self.string(header, "\(key).header")
-            guard !headerName.isEmpty, headerName.utf8.count <= 256, headerName.utf8.allSatisfy(isHeaderNameByte) else {
+            // HTTP/2's pseudo-header :path is what Envoy hands over for the request's path.
+            let pseudo = answers && headerName == ":path"
+            guard pseudo || (!headerName.isEmpty && headerName.utf8.count <= 256 && headerName.utf8.allSatisfy(isHeaderNameByte)) else {
                 throw self.error(header, "\(key).header", "'\(headerName.truncated(toUTF8Bytes: 64))' is not a header name")
             }
             source = .header(headerName.lowercased())

@@ -4,7 +4,27 @@ extension MeteringSchema {
     public var yaml: String {
         var out = "# The effective metering config; `usage-tracking --config FILE` with this text behaves the same.\n"
         out += "metrics:\n"
-        for metric in self.metrics {
+        Self.write(self.metrics, to: &out)
+        out += "# Counted from model answers through Envoy's External Processing filter (--ext-proc-port):\n"
+        if self.tokens.isEmpty {
+            out += "tokens: []\n"
+        } else {
+            out += "tokens:\n"
+            Self.write(self.tokens, to: &out)
+        }
+        out += "# Routes built in for labels of kind route (always on; `routes:` adds to them):\n"
+        for template in RouteTemplates.builtIn { out += "#   \(template)\n" }
+        if self.routes.isEmpty {
+            out += "routes: []\n"
+        } else {
+            out += "routes:\n"
+            for route in self.routes { out += "  - \(Self.quoted(route))\n" }
+        }
+        return out
+    }
+
+    private static func write(_ metrics: [Metric], to out: inout String) {
+        for metric in metrics {
             out += "  - name: \(Self.quoted(metric.name))\n"
             out += "    help: \(Self.quoted(metric.help))\n"
             out += "    max_series: \(metric.maxSeries)\n"
@@ -25,15 +45,6 @@ extension MeteringSchema {
                 if let hash = label.hash { out += "        hash: \(hash.rawValue)\n" }
             }
         }
-        out += "# Routes built in for labels of kind route (always on; `routes:` adds to them):\n"
-        for template in RouteTemplates.builtIn { out += "#   \(template)\n" }
-        if self.routes.isEmpty {
-            out += "routes: []\n"
-        } else {
-            out += "routes:\n"
-            for route in self.routes { out += "  - \(Self.quoted(route))\n" }
-        }
-        return out
     }
 
     /// A YAML double-quoted scalar. Controls, and the characters YAML takes as line breaks or
