@@ -1,5 +1,7 @@
 #include "czlib.h"
 #include <zlib.h>
+#include <limits.h>
+#include <stdlib.h>
 #include <string.h>
 
 // windowBits 15 + 16 asks zlib for a gzip header and trailer instead of a zlib one.
@@ -24,4 +26,53 @@ size_t czlib_gzip(const uint8_t *input, size_t length, uint8_t *output, size_t c
     size_t written = stream.total_out;
     deflateEnd(&stream);
     return status == Z_STREAM_END ? written : 0;
+}
+
+struct czlib_gunzip_stream {
+    z_stream z;
+};
+
+czlib_gunzip_stream *czlib_gunzip_start(void) {
+    czlib_gunzip_stream *stream = calloc(1, sizeof *stream);
+    if (stream == NULL) return NULL;
+    if (inflateInit2(&stream->z, gzip_window_bits) != Z_OK) {
+        free(stream);
+        return NULL;
+    }
+    return stream;
+}
+
+const char *czlib_gunzip(czlib_gunzip_stream *stream, const uint8_t *input, size_t length, size_t *consumed,
+                         uint8_t *output, size_t capacity, size_t *produced) {
+    z_stream *z = &stream->z;
+    // zlib counts in uInt; a longer chunk is simply taken in several calls.
+    uInt in = length > UINT_MAX ? UINT_MAX : (uInt)length;
+    uInt out = capacity > UINT_MAX ? UINT_MAX : (uInt)capacity;
+    z->next_in = (Bytef *)input;
+    z->avail_in = in;
+    z->next_out = output;
+    z->avail_out = out;
+    int status = inflate(z, Z_NO_FLUSH);
+    *consumed = in - z->avail_in;
+    *produced = out - z->avail_out;
+    switch (status) {
+    case Z_OK:
+    case Z_BUF_ERROR: // no progress possible until more input (or room) comes: not an error
+        return NULL;
+    case Z_STREAM_END:
+        // A member ended; what follows, if anything, must be another member (RFC 1952 2.2).
+        return inflateReset(z) == Z_OK ? NULL : "cannot restart after a gzip member";
+    case Z_MEM_ERROR:
+        return "out of memory";
+    case Z_NEED_DICT:
+        return "needs a preset dictionary";
+    default:
+        return z->msg != NULL ? z->msg : "invalid gzip data";
+    }
+}
+
+void czlib_gunzip_end(czlib_gunzip_stream *stream) {
+    if (stream == NULL) return;
+    inflateEnd(&stream->z);
+    free(stream);
 }

@@ -10,4 +10,19 @@ size_t czlib_gzip_bound(size_t length);
 /// Returns the number of bytes written, or 0 when zlib fails.
 size_t czlib_gzip(const uint8_t *input, size_t length, uint8_t *output, size_t capacity, int level);
 
+/// An incremental gzip decoder (zlib state behind an opaque pointer).
+typedef struct czlib_gunzip_stream czlib_gunzip_stream;
+
+/// Starts a decoder for gzip data (one member or several concatenated). NULL when out of memory.
+czlib_gunzip_stream *czlib_gunzip_start(void);
+
+/// Decodes from `input` into `output` as far as either allows; sets `consumed` and `produced`.
+/// Call again while input remains or `output` came back full; both 0 means it needs more input.
+/// Returns NULL, or zlib's reason when the data is not valid gzip.
+const char *czlib_gunzip(czlib_gunzip_stream *stream, const uint8_t *input, size_t length, size_t *consumed,
+                         uint8_t *output, size_t capacity, size_t *produced);
+
+/// Releases the decoder's state.
+void czlib_gunzip_end(czlib_gunzip_stream *stream);
+
 #endif

@@ -95,3 +95,35 @@ if only == nil || only == "status" {
     }
     print("status at \(series) series: ranking as served \(String(format: "%.0f", rank / 1e6)) ms (a full copy alone takes \(String(format: "%.0f", copy / 1e6)) ms); user lookup \(String(format: "%.0f", lookup / 1e6)) ms")
 }
+
+// Reading token usage out of a streamed answer (ext_proc's per-chunk cost): an 8 MB OpenAI SSE
+// stream fed in 16 KiB chunks, plain and gzip.
+if only == nil || only == "tokens" {
+    // Each event carries different words, as a real stream does (gzip would shrink copies a thousandfold).
+    var stream: [UInt8] = []
+    var word = 0
+    while stream.count < 8 << 20 {
+        word = (word &* 1_103_515_245 &+ 12345) & 0x7fff_ffff
+        stream += Array(
+            #"data: {"id":"chatcmpl-B","object":"chat.completion.chunk","created":1754321020,"model":"gpt-4o","choices":[{"index":0,"delta":{"content":" w\#(word % 50_000)"},"finish_reason":null}],"usage":null}"#
+                .utf8) + Array("\n\n".utf8)
+    }
+    stream += Array("data: {\"model\":\"gpt-4o\",\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5}}\n\ndata: [DONE]\n\n".utf8)
+    for (name, body, encoding) in [("SSE", stream, nil), ("SSE gzip", Gzip.compress(stream, level: 6), "gzip")] {
+        let rounds = 5 * scale
+        var outcome = AnswerReading.noUsage
+        let perRound = measure("read usage of \(stream.count >> 20) MiB \(name) in 16 KiB chunks", operations: rounds) {
+            for _ in 0..<rounds {
+                let reader = AnswerUsageReader()
+                reader.responseHeaders(status: 200, contentType: "text/event-stream", contentEncoding: encoding)
+                body.withUnsafeBytes { all in
+                    for start in stride(from: 0, to: all.count, by: 16 << 10) {
+                        reader.body(UnsafeRawBufferPointer(rebasing: all[start..<min(start + (16 << 10), all.count)]))
+                    }
+                }
+                outcome = reader.reading
+            }
+        }
+        print("tokens: \(name) \(String(format: "%.2f", perRound / 1e6 / Double(stream.count) * 1_048_576)) ms per MiB of answer, \(body.count) bytes on the wire (\(outcome))")
+    }
+}
