@@ -72,7 +72,7 @@ let everyKeyConfig = """
     @Test(arguments: [
         // unknown key
         ("metrics:\n  - name: a_total\n    lables: []\n", "c.yaml:3: metrics[0].lables: unknown key; expected one of name, help, max_series, value, labels"),
-        ("metric: []\n", "c.yaml:1: metric: unknown key; expected one of metrics, routes"),
+        ("metric: []\n", "c.yaml:1: metric: unknown key; expected one of metrics, tokens, routes"),
         // wrong type
         ("metrics:\n  - name: a_total\n    labels: {name: u}\n", "c.yaml:3: metrics[0].labels: must be a list, got a mapping"),
         ("metrics:\n  - name: a_total\n    labels:\n      - {name: u, from: u, required: yes please}\n", "c.yaml:4: metrics[0].labels[0].required: must be true or false, got 'yes please'"),

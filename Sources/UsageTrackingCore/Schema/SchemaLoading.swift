@@ -141,7 +141,9 @@ private struct ConfigReader {
             }
             metrics.append(metric)
         }
-        var tokens = MeteringSchema.defaultTokens
+        // Without `tokens:` the built-in token family, unless a /track metric already has its
+        // name (configs written before token families existed keep working as they were).
+        var tokens = MeteringSchema.defaultTokens.filter { !names.contains($0.name) }
         if let tokensNode = top["tokens"] {
             let nodes = try self.sequence(tokensNode, "tokens")
             guard nodes.count <= MeteringSchema.maximumMetrics else {

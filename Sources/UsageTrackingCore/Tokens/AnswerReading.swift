@@ -29,6 +29,11 @@ public struct TokenCounts: Sendable, Equatable {
         self.cacheWrite = cacheWrite
         self.reasoning = reasoning
     }
+
+    /// Each type under its value of the token families' `type` label.
+    public var byType: [(type: String, amount: UInt64)] {
+        [("input", self.input), ("output", self.output), ("cached_input", self.cachedInput), ("cache_write", self.cacheWrite), ("reasoning", self.reasoning)]
+    }
 }
 
 /// The usage an answer reported: the model it names ("" when it named none) and its counts.

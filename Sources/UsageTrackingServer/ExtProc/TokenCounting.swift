@@ -93,10 +93,3 @@ enum TokenCounting {
         }
     }
 }
-
-extension TokenCounts {
-    /// Each type under its `type` label value.
-    var byType: [(type: String, amount: UInt64)] {
-        [("input", self.input), ("output", self.output), ("cached_input", self.cachedInput), ("cache_write", self.cacheWrite), ("reasoning", self.reasoning)]
-    }
-}
