@@ -9,7 +9,7 @@ extension LedgerWriter {
     ) throws -> LedgerWriter {
         let started = monotonicNanoseconds()
         let ledger: UsageLedger
-        let restored: UsageLedger.Restored
+        let restored: RestoredCounts
         do {
             ledger = try UsageLedger(
                 directory: directory, families: metrics.families, seriesIDs: metrics.seriesIDs, retentionDays: configuration.ledgerRetentionDays
