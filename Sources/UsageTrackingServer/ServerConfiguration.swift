@@ -68,3 +68,14 @@ public struct ServerConfiguration: Sendable {
 public enum FsyncMode: String, Sendable, CaseIterable {
     case always, interval
 }
+
+/// A configuration the server cannot run with.
+public enum ConfigurationError: Error, CustomStringConvertible {
+    case missingHMACKey
+
+    public var description: String {
+        switch self {
+        case .missingHMACKey: "a label is hashed (hash: hmac-sha256) but no key was given (--label-hmac-key-file, USAGE_TRACKING_LABEL_HMAC_KEY_FILE)"
+        }
+    }
+}

@@ -57,61 +57,8 @@ extension ServerState {
         self.ledgerWriter?.record(outcome, at: LedgerWriter.now())
     }
 
-    /// The digest of the callback's request id; nil without one (or without deduplication).
-    func requestIDDigest(_ head: HTTPRequestHead) -> UInt64? {
-        guard self.metrics.requestIDs != nil, let name = self.configuration.dedupeHeader,
-            let value = head.headers.first(name: name), !value.trimmingASCIISpaces().isEmpty
-        else { return nil }
-        return RequestIDWindow.digest(value)
-    }
-
     /// Serving, and able to count: not starting or stopping, and the ledger (if any) committing.
     var isReady: Bool {
         self.ready.load(ordering: .relaxed) && !(self.metrics.ledger?.isFailing ?? false)
-    }
-}
-
-/// The endpoints the server knows; the raw values index `UsageMetrics.routes`.
-enum Route: Int {
-    case track, metrics, healthz, readyz, debug, status, other
-
-    init(uri: String) {
-        switch Self.path(of: uri) {
-        case "/track": self = .track
-        case "/metrics": self = .metrics
-        case "/healthz": self = .healthz
-        case "/readyz": self = .readyz
-        case "/debug": self = .debug
-        case "/": self = .status
-        default: self = .other
-        }
-    }
-
-    /// The path of a request target: the query dropped, and the scheme and authority of an
-    /// absolute-form target (`POST http://host/track`, as proxies send) too.
-    static func path(of uri: String) -> Substring {
-        var target = Substring(uri)
-        if !target.hasPrefix("/"), let scheme = target.firstRange(of: "://") {
-            let afterAuthority = target[scheme.upperBound...].firstIndex(of: "/") ?? target.endIndex
-            target = target[afterAuthority...]
-            if target.isEmpty { return "/" }
-        }
-        return target.utf8.firstIndex(of: UInt8(ascii: "?")).map { target[..<$0] } ?? target
-    }
-}
-
-extension CallbackOutcome {
-    var status: HTTPResponseStatus {
-        switch self {
-        case .accepted: .accepted
-        case .malformed: .badRequest
-        case .invalid: .unprocessableEntity
-        case .tooLarge: .payloadTooLarge
-        case .unsupportedMediaType: .unsupportedMediaType
-        case .methodNotAllowed: .methodNotAllowed
-        case .unauthorized: .unauthorized
-        case .duplicate: .accepted
-        case .unavailable: .serviceUnavailable
-        }
     }
 }

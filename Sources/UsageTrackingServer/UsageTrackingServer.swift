@@ -35,18 +35,6 @@ public final class UsageTrackingServer: Sendable {
         self.housekeeping = housekeeping
     }
 
-    /// The pipeline of one connection: NIO's request decoder with our limits, then our handler.
-    /// Tests build the same pipeline on an `EmbeddedChannel`.
-    static func configurePipeline(_ channel: Channel, state: ServerState) throws {
-        var limits = NIOHTTPDecoderLimitConfiguration()
-        limits.maxHeaderListSize = state.configuration.maxHeaderBytes
-        limits.maxHeaderFieldSize = state.configuration.maxHeaderBytes
-        try channel.pipeline.syncOperations.addHandlers([
-            ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, informationalResponseStrategy: .drop, limitConfiguration: limits)),
-            HTTPConnectionHandler(state: state),
-        ])
-    }
-
     public static func start(
         configuration: ServerConfiguration, logger: Logger
     ) async throws -> UsageTrackingServer {
@@ -64,7 +52,7 @@ public final class UsageTrackingServer: Sendable {
         )
         // Counts come back from the ledger before the listener opens, so no scrape sees a reset.
         let writer = try configuration.stateDirectory.map { directory in
-            try Self.openLedger(directory, configuration: configuration, metrics: metrics, logger: logger)
+            try LedgerWriter.open(directory, configuration: configuration, metrics: metrics, logger: logger)
         }
         let renderPool = NIOThreadPool(numberOfThreads: 1)
         renderPool.start()
@@ -72,10 +60,7 @@ public final class UsageTrackingServer: Sendable {
             configuration: configuration, logger: logger, metrics: metrics, secrets: secrets, ledgerWriter: writer,
             runOffLoop: { eventLoop, work in renderPool.runIfActive(eventLoop: eventLoop, work) }
         )
-        Self.logAuthentication(state)
-        if secrets.isRequired {
-            state.status?.events.recordReload(.init(time: wallClock(), result: "loaded at startup: \(secrets.count) secrets"))
-        }
+        state.logAuthentication()
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
         let connections = OpenConnections()
@@ -96,7 +81,7 @@ public final class UsageTrackingServer: Sendable {
                 .childChannelOption(.maxMessagesPerRead, value: 4)
                 .childChannelInitializer { channel in
                     connections.add(channel)
-                    return channel.eventLoop.makeCompletedFuture { try Self.configurePipeline(channel, state: state) }
+                    return channel.eventLoop.makeCompletedFuture { try HTTPPipeline.configure(channel, state: state) }
                 }
                 .bind(host: configuration.host, port: configuration.port)
                 .get()
@@ -107,12 +92,7 @@ public final class UsageTrackingServer: Sendable {
             throw ListenError(host: configuration.host, port: configuration.port, underlying: error)
         }
 
-        let watcher: Task<Void, Never>? = secrets.filePath == nil ? nil : Task.detached {
-            while !Task.isCancelled {
-                try? await Task.sleep(for: configuration.secretReloadInterval)
-                Self.reloadSecrets(state, force: false)
-            }
-        }
+        let watcher = state.watchSecretFile()
 
         // glibc keeps freed memory for reuse and seldom returns pages from the middle of its heaps:
         // without this, the peak of a burst (a large scrape, a flood of connections) stays resident.
@@ -132,73 +112,9 @@ public final class UsageTrackingServer: Sendable {
         return server
     }
 
-    private static func openLedger(
-        _ directory: String, configuration: ServerConfiguration, metrics: UsageMetrics, logger: Logger
-    ) throws -> LedgerWriter {
-        let started = monotonicNanoseconds()
-        let ledger: UsageLedger
-        let restored: UsageLedger.Restored
-        do {
-            ledger = try UsageLedger(
-                directory: directory, families: metrics.families, seriesIDs: metrics.seriesIDs, retentionDays: configuration.ledgerRetentionDays
-            )
-            restored = try ledger.restore(into: metrics, requestIDs: metrics.requestIDs, now: LedgerWriter.now())
-        } catch {
-            throw StateDirectoryError(underlying: error)
-        }
-        logger.info(
-            "ledger restored",
-            metadata: [
-                "file": "\(ledger.path)", "series": "\(restored.series)", "request_ids": "\(restored.requestIDs)",
-                "seconds": "\(Double(monotonicNanoseconds() - started) / 1e9)", "fsync": "\(configuration.fsync.rawValue)",
-            ]
-        )
-        if restored.unexposedSeries > 0 {
-            logger.notice(
-                "the ledger holds series of metrics the config no longer has: kept in the ledger, not exposed",
-                metadata: ["series": "\(restored.unexposedSeries)", "metrics": .array(restored.unexposedMetrics.map { .string($0) })]
-            )
-        }
-        let writer = LedgerWriter(
-            ledger: ledger, mode: configuration.fsync, interval: configuration.fsyncInterval, metrics: metrics,
-            health: metrics.ledger!, logger: logger
-        )
-        writer.start()
-        return writer
-    }
-
     /// Re-reads the secret file now (SIGHUP), as the watcher does when the file changes.
     public func reloadSecrets() {
-        Self.reloadSecrets(self.state, force: true)
-    }
-
-    private static func reloadSecrets(_ state: ServerState, force: Bool) {
-        let result = state.secrets.reloadIfChanged(force: force)
-        if let summary = Self.statusSummary(result) {
-            state.status?.events.recordReload(.init(time: wallClock(), result: summary))
-        }
-        switch result {
-        case .unchanged: break
-        case .reloaded(let count):
-            state.logger.info("callback secrets reloaded", metadata: ["secrets": "\(count)"])
-        case .emptied:
-            state.logger.warning(
-                "callback secret file holds no secret; callbacks without another configured secret are refused",
-                metadata: ["file": "\(state.secrets.filePath ?? "")", "secrets": "\(state.secrets.count)"]
-            )
-        case .failed(let reason):
-            state.logger.error("callback secrets not reloaded; keeping the previous ones", metadata: ["reason": "\(reason)"])
-        }
-    }
-
-    /// How the status page words a reload; nil when nothing changed (checked every 2 s).
-    static func statusSummary(_ result: CallbackSecrets.Reload) -> String? {
-        switch result {
-        case .unchanged: nil
-        case .reloaded(let count): "reloaded: \(count) secrets in the file"
-        case .emptied: "the file holds no secret; only the environment's secret (if any) is accepted"
-        case .failed(let reason): "failed, previous secrets kept: \(reason)"
-        }
+        self.state.reloadSecrets(force: true)
     }
 
     /// Reports not-ready and keeps serving for the drain delay, replying `connection: close` so
@@ -243,25 +159,6 @@ public final class UsageTrackingServer: Sendable {
         try? await self.renderPool.shutdownGracefully()
         self.state.logger.info("stopped")
     }
-
-    private static func logAuthentication(_ state: ServerState) {
-        let config = state.configuration
-        guard state.secrets.isRequired else {
-            state.logger.warning("no callback secret configured: /track accepts callbacks from anyone who can reach it")
-            return
-        }
-        var sources: [String] = []
-        if config.callbackSecret != nil { sources.append("environment") }
-        if config.callbackSecretFile != nil { sources.append("file") }
-        let mode = config.callbackSecretHeader.lowercased() == "authorization" ? "bearer" : "custom-header"
-        state.logger.info(
-            "callback authentication required",
-            metadata: [
-                "mode": "\(mode)", "header": "\(config.callbackSecretHeader)", "sources": "\(sources.joined(separator: ","))",
-                "secrets": "\(state.secrets.count)",
-            ]
-        )
-    }
 }
 
 /// Why the listener could not open, naming the address (a busy port, an address not on this host).
@@ -286,23 +183,6 @@ private final class OpenConnections: Sendable {
     }
 
     var all: [Channel] { self.channels.withLock { Array($0.values) } }
-}
-
-/// The state directory cannot be used; says which flag set it.
-struct StateDirectoryError: Error, CustomStringConvertible {
-    var underlying: any Error
-    var description: String { "--state-dir (USAGE_TRACKING_STATE_DIR): \(self.underlying)" }
-}
-
-/// A configuration the server cannot run with.
-public enum ConfigurationError: Error, CustomStringConvertible {
-    case missingHMACKey
-
-    public var description: String {
-        switch self {
-        case .missingHMACKey: "a label is hashed (hash: hmac-sha256) but no key was given (--label-hmac-key-file, USAGE_TRACKING_LABEL_HMAC_KEY_FILE)"
-        }
-    }
 }
 
 /// glibc's `malloc_trim`, which Swift's Glibc module does not export (it lives in malloc.h).

@@ -22,7 +22,7 @@ def test_licence_is_the_apache_2_text_and_readme_says_so():
 
 
 def test_version_is_one_string_everywhere():
-    with open(os.path.join(ROOT, "Sources", "UsageTrackingCore", "UsageMetrics.swift")) as f:
+    with open(os.path.join(ROOT, "Sources", "UsageTrackingCore", "Counting", "UsageMetrics.swift")) as f:
         defined = re.findall(r'static let version = "([^"]+)"', f.read())
     assert len(defined) == 1 and re.fullmatch(r"\d+\.\d+\.\d+", defined[0]), defined
     version = defined[0]

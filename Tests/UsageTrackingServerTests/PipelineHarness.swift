@@ -35,7 +35,7 @@ final class PipelineHarness {
             configuration: configuration, logger: logger, metrics: UsageMetrics(schema: configuration.schema), secrets: secrets, runOffLoop: runOffLoop
         )
         self.state.ready.store(ready, ordering: .relaxed)
-        try UsageTrackingServer.configurePipeline(self.channel, state: self.state)
+        try HTTPPipeline.configure(self.channel, state: self.state)
         try self.channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9999)).wait()
     }
 

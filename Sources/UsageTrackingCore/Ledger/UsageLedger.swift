@@ -2,8 +2,9 @@ import GRDB
 import GRDBSQLite
 import Glibc
 
-/// The usage ledger: every counted increment of every family and of
-/// `usage_tracking_callbacks_total`, in a SQLite database in the state directory.
+/// The SQLite ledger engine (`LedgerEngine`, whose contract it keeps): every counted increment
+/// of every family and of `usage_tracking_callbacks_total`, in a SQLite database in the state
+/// directory.
 ///
 /// Storage contract:
 /// - Files: `usage.sqlite` (with SQLite's `-wal` and `-shm` beside it) and `usage.lock`. One
@@ -24,7 +25,7 @@ import Glibc
 ///   Readers such as `sqlite3` may read while it runs (WAL).
 /// - Disk: bounded by series, series-hours within the retention, and ids within the dedupe
 ///   window; SQLite checkpoints the WAL every 1000 pages and truncates it to 64 MiB at most.
-public final class UsageLedger {
+public final class UsageLedger: LedgerEngine {
     public static let databaseName = "usage.sqlite"
     public static let lockName = "usage.lock"
     /// The schema this build writes; a database with a higher `user_version` is refused.
@@ -88,24 +89,14 @@ public final class UsageLedger {
         }
     }
 
-    /// What `restore` found.
-    public struct Restored: Sendable {
-        public var series = 0
-        public var requestIDs = 0
-        /// Series of metrics (or label sets) the current config no longer has: kept in the
-        /// ledger, not exposed.
-        public var unexposedSeries = 0
-        public var unexposedMetrics: [String] = []
-    }
-
     /// Puts the ledger's totals back into `metrics` and its recent request ids into `requestIDs`,
     /// before any callback arrives. `now` is wall-clock seconds.
     @discardableResult
-    public func restore(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64) throws(LedgerError) -> Restored {
+    public func restore(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64) throws(LedgerError) -> RestoredCounts {
         self.requestIDWindow = requestIDs?.window ?? 0
         do {
             return try self.queue.writeWithoutTransaction { db in
-                var restored = Restored()
+                var restored = RestoredCounts()
                 var maxID = try Int64.fetchOne(db, sql: "SELECT max(id) FROM series") ?? 0
                 self.seriesIDs.advance(past: maxID)
                 try db.inTransaction(.immediate) {

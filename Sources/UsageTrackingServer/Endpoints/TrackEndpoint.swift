@@ -77,7 +77,7 @@ enum TrackEndpoint {
         case .success(let decoded): callback = decoded
         case .failure(let rejection): return .rejected(rejection)
         }
-        let digest = state.requestIDDigest(head)
+        let digest = Self.requestIDDigest(head, state: state)
         if let writer = state.ledgerWriter, writer.mode == .always {
             return .committing(writer.commit(callback, digest: digest, on: eventLoop), callback)
         }
@@ -92,6 +92,14 @@ enum TrackEndpoint {
         state.ledgerWriter?.record(series, amounts: callback.amounts, digest: digest, at: now)
         Self.noteAccepted(callback, head, sender: sender, state: state)
         return .accepted
+    }
+
+    /// The digest of the callback's request id; nil without one (or without deduplication).
+    private static func requestIDDigest(_ head: HTTPRequestHead, state: ServerState) -> UInt64? {
+        guard state.metrics.requestIDs != nil, let name = state.configuration.dedupeHeader,
+            let value = head.headers.first(name: name), !value.trimmingASCIISpaces().isEmpty
+        else { return nil }
+        return RequestIDWindow.digest(value)
     }
 
     /// After the ledger's commit (`always` mode, which counted the outcome with it): nil when the
@@ -160,5 +168,21 @@ enum TrackEndpoint {
         if rejection.outcome == .methodNotAllowed { headers.append(("allow", "POST")) }
         if rejection.outcome == .unauthorized { headers += Self.challenge(state) }
         return .error(status, rejection.summary, rejection.problems, headers: headers)
+    }
+}
+
+extension CallbackOutcome {
+    var status: HTTPResponseStatus {
+        switch self {
+        case .accepted: .accepted
+        case .malformed: .badRequest
+        case .invalid: .unprocessableEntity
+        case .tooLarge: .payloadTooLarge
+        case .unsupportedMediaType: .unsupportedMediaType
+        case .methodNotAllowed: .methodNotAllowed
+        case .unauthorized: .unauthorized
+        case .duplicate: .accepted
+        case .unavailable: .serviceUnavailable
+        }
     }
 }

@@ -109,29 +109,3 @@ import Testing
         #expect(throws: CallbackSecrets.LoadError.self) { try CallbackSecrets(value: nil, filePath: "/nonexistent/secret") }
     }
 }
-
-@Suite struct RecentCallbacksTests {
-    @Test func keepsTheNewestUpToCapacity() {
-        let recent = RecentCallbacks(capacity: 3)
-        for i in 0..<5 {
-            recent.record(.init(time: Double(i), callback: Callback(user: "u\(i)", groups: "", path: ""), requestID: nil))
-        }
-        #expect(recent.acceptedEntries.map(\.callback.user) == ["u4", "u3", "u2"])
-        recent.record(.init(time: 0, status: 422, rejection: CallbackRejection(.invalid, ["x"]), requestID: "r"))
-        #expect(recent.rejectedEntries.map(\.requestID) == ["r"])
-    }
-}
-
-@Suite struct JSONTextTests {
-    @Test func escapesStrings() {
-        let document: JSONText = .object([("a", "q\"\\\n\u{01}é"), ("b", .array([1, true, .null, .number(0.5)]))])
-        #expect(document.serialized == #"{"a":"q\"\\\n\u0001é","b":[1,true,null,0.5]}"#)
-    }
-}
-
-@Suite struct CallbackOutcomeTests {
-    /// `UsageMetrics` keeps one counter per outcome, found by `index`.
-    @Test func indexIsThePositionInAllCases() {
-        #expect(CallbackOutcome.allCases.map(\.index) == Array(CallbackOutcome.allCases.indices))
-    }
-}

@@ -6,7 +6,8 @@ import NIOPosix
 import Synchronization
 import UsageTrackingCore
 
-/// The ledger's only user after startup: one thread that commits what the callbacks counted.
+/// The ledger's only user after startup: one thread that commits what the callbacks counted,
+/// through `LedgerEngine` (SQLite today), whose contract it relies on.
 ///
 /// Contract:
 /// - `always` mode: a callback is handed over with `commit` and its reply waits on the future;
@@ -58,12 +59,12 @@ final class LedgerWriter: Sendable {
     private let done = DispatchSemaphore(value: 0)
     private let thread = NIOThreadPool(numberOfThreads: 1)
     /// Used only by the writer thread (and by `start`'s caller before the thread runs).
-    private nonisolated(unsafe) let ledger: UsageLedger
+    private nonisolated(unsafe) let ledger: any LedgerEngine
 
     static let heartbeat: Int64 = 30
     static let retryDelay: Int64 = 1
 
-    init(ledger: UsageLedger, mode: FsyncMode, interval: TimeAmount, metrics: UsageMetrics, health: LedgerHealth, logger: Logger) {
+    init(ledger: any LedgerEngine, mode: FsyncMode, interval: TimeAmount, metrics: UsageMetrics, health: LedgerHealth, logger: Logger) {
         self.ledger = ledger
         self.mode = mode
         self.interval = interval

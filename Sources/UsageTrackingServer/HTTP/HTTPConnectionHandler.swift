@@ -1,0 +1,316 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import UsageTrackingCore
+
+/// One per connection, after NIO's request decoder. Receives each request (head checks, body
+/// limit) as its parts arrive, has the `Router` say how it is answered, and writes the serialised
+/// reply straight to the socket.
+///
+/// The pieces, all on the event loop: `AnswerQueue` keeps the replies in arrival order and holds
+/// back reading while they are owed (backpressure); `ConnectionTimer` enforces the idle and
+/// request timeouts; `Router` knows the routes and the refusals decided before a body is read.
+/// What is left here is the connection itself: receiving, writing, closing.
+///
+/// Replies are flushed once per socket read, so a pipelined batch goes out in one write.
+final class HTTPConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let state: ServerState
+    /// The request being received.
+    private var receiving: ReceivedRequest?
+    private var queue = AnswerQueue()
+    private var timer: ConnectionTimer
+    /// Set once shutdown asks connections to finish: close after the last request received.
+    private var quiescing = false
+    private var discarded = 0
+    /// The peer as the status page shows it, formatted once per connection rather than per callback.
+    private var peer: String?
+
+    init(state: ServerState) {
+        self.state = state
+        self.timer = ConnectionTimer(state.configuration)
+    }
+
+    /// Request body bytes this connection holds (received and waiting), which the body limit bounds.
+    var heldBodyBytes: Int {
+        (self.receiving?.body?.readableBytes ?? 0) + self.queue.heldBodyBytes
+    }
+
+    // MARK: lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.timer.touch(context.eventLoop.now)
+        self.peer = context.channel.remoteAddress?.statusText
+        self.queue.writable = context.channel.isWritable
+        if context.channel.isActive { self.scheduleTimer(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        self.peer = context.channel.remoteAddress?.statusText
+        self.scheduleTimer(context: context)
+        context.fireChannelActive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.timer.cancel()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is ChannelShouldQuiesceEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        self.quiescing = true
+        if self.receiving == nil {
+            self.queue.inputDone = true
+            if !self.queue.producing, self.queue.isEmpty { context.close(promise: nil) }
+        }
+    }
+
+    private func scheduleTimer(context: ChannelHandlerContext) {
+        self.timer.schedule(on: context.eventLoop, receivingSince: self.receiving?.startNanoseconds) {
+            self.timer.fired()
+            self.timerFired(context: context)
+        }
+    }
+
+    private func timerFired(context: ChannelHandlerContext) {
+        guard !self.queue.closing else { return }
+        let now = context.eventLoop.now
+        switch self.timer.expired(at: now, receivingSince: self.receiving?.startNanoseconds, producing: self.queue.producing) {
+        case .request?:
+            let seconds = self.timer.requestTimeout.nanoseconds / 1_000_000_000
+            var timedOut = self.receiving!
+            self.state.logger.info("request timed out", metadata: ["route": "\(timedOut.route)", "seconds": "\(seconds)"])
+            timedOut.body = nil
+            timedOut.closeAfter = true
+            timedOut.reply = .error(.requestTimeout, "request timeout", ["the request did not arrive in full within \(seconds) s"])
+            self.received(context: context, timedOut)
+            context.flush()
+        case .idle?:
+            // Silent, or with replies waiting that the client has not read for that long.
+            context.close(promise: nil)
+        case nil:
+            self.scheduleTimer(context: context)
+        }
+    }
+
+    // MARK: reading
+
+    func read(context: ChannelHandlerContext) {
+        if self.queue.allowRead() { context.read() }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        self.queue.writable = context.channel.isWritable
+        if self.queue.writable {
+            self.answerWaiting(context: context)
+            context.flush()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+        context.fireChannelReadComplete()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !self.queue.closing, !self.queue.inputDone else {
+            self.discard(context: context, self.unwrapInboundIn(data))
+            return
+        }
+        switch self.unwrapInboundIn(data) {
+        case .head(let head):
+            // One clock read serves the timers and the latency histogram.
+            let now = context.eventLoop.now
+            self.timer.touch(now)
+            var request = ReceivedRequest(head: head, route: Route(uri: head.uri), startNanoseconds: now.uptimeNanoseconds)
+            // NIO's decoder stops parsing after a request that asks to upgrade; answer it and close.
+            if head.headers.contains(name: "upgrade") { request.closeAfter = true }
+            if Router.takesBody(request.route) {
+                request.rejection = Router.refusal(head, route: request.route, state: self.state)
+                if request.rejection != nil {
+                    // Refused from the head alone: answer now and close without reading the body.
+                    request.closeAfter = true
+                    self.received(context: context, request)
+                    return
+                }
+                // curl and others wait (about a second) for this before sending a body. Sent only
+                // when no earlier reply is still owed, so replies stay in order.
+                if self.queue.isEmpty, !self.queue.producing, head.headers.first(name: "expect")?.lowercased() == "100-continue" {
+                    context.write(self.wrapOutboundOut(HTTPResponse.continueBytes), promise: nil)
+                }
+            }
+            self.receiving = request
+        case .body(var chunk):
+            self.timer.touch(context.eventLoop.now)
+            guard let route = self.receiving?.route, Router.takesBody(route) else { return }
+            if (self.receiving?.body?.readableBytes ?? 0) + chunk.readableBytes > self.state.configuration.maxBodyBytes {
+                var request = self.receiving!
+                request.body = nil
+                request.rejection = Router.bodyTooLarge(self.state)
+                request.closeAfter = true
+                self.received(context: context, request)
+                return
+            }
+            // Mutated in place through `self.receiving`, so a body in several chunks is not copied
+            // once per chunk.
+            if self.receiving?.body == nil {
+                self.receiving?.body = chunk
+            } else {
+                self.receiving?.body?.writeBuffer(&chunk)
+            }
+        case .end:
+            guard let request = self.receiving else { return }
+            self.received(context: context, request)
+        }
+    }
+
+    /// A request has arrived in full (or was refused before it did): answer it now if nothing is
+    /// ahead of it, or queue it.
+    private func received(context: ChannelHandlerContext, _ request: ReceivedRequest) {
+        self.receiving = nil
+        if request.closeAfter || self.quiescing { self.queue.inputDone = true }
+        if self.queue.isClear {
+            self.answer(context: context, request)
+        } else {
+            self.queue.append(request)
+        }
+    }
+
+    /// Answers queued requests while nothing blocks them, then lets reading resume.
+    private func answerWaiting(context: ChannelHandlerContext) {
+        while let next = self.queue.next() {
+            self.answer(context: context, next)
+        }
+        if self.queue.resumeHeldRead() { context.read() }
+    }
+
+    // MARK: answering
+
+    private func answer(context: ChannelHandlerContext, _ request: ReceivedRequest) {
+        self.deliver(context: context, request, Router.answer(request, sender: self.peer, state: self.state, on: context.eventLoop))
+    }
+
+    private func deliver(context: ChannelHandlerContext, _ request: ReceivedRequest, _ answer: Router.Answer) {
+        switch answer {
+        case .reply(let reply):
+            self.complete(context: context, request, reply: reply)
+        case .accepted:
+            self.acknowledge(context: context, request)
+        case .committing(let commit, let callback):
+            // Like a render: later requests wait, in order, while the ledger commits.
+            self.queue.startProducing(commit: true)
+            commit.assumeIsolated().whenComplete { result in
+                self.queue.finishProducing()
+                let verdict = (try? result.get()) ?? .unavailable
+                self.deliver(context: context, request, Router.committed(verdict, callback, request, sender: self.peer, state: self.state))
+                self.answerWaiting(context: context)
+                context.flush()
+            }
+        case .rendering(let render):
+            self.queue.startProducing(commit: false)
+            self.state.runOffLoop(context.eventLoop, render)
+                .assumeIsolated().whenComplete { result in
+                    self.queue.finishProducing()
+                    let reply = (try? result.get()) ?? .error(.serviceUnavailable, "shutting down", ["the server is stopping"])
+                    self.complete(context: context, request, reply: reply)
+                    self.answerWaiting(context: context)
+                    context.flush()
+                }
+        }
+    }
+
+    private func acknowledge(context: ChannelHandlerContext, _ request: ReceivedRequest) {
+        if self.closesAfter(request) {
+            self.complete(context: context, request, reply: HTTPResponse(status: .accepted))
+        } else {
+            // The hot path: the prebuilt 202, no serialisation.
+            context.write(self.wrapOutboundOut(HTTPResponse.acceptedBytes), promise: nil)
+            self.observe(context: context, request)
+        }
+    }
+
+    /// Whether the reply to `request` is the last on this connection. From shutdown on (the
+    /// drain included) the connection closes after the last request it has received in full, so
+    /// a keep-alive caller moves to another replica and nothing it sent is cut off.
+    private func closesAfter(_ request: ReceivedRequest) -> Bool {
+        if request.closeAfter || !request.head.isKeepAlive { return true }
+        guard self.quiescing || self.state.stopping.load(ordering: .relaxed) else { return false }
+        return self.queue.isEmpty && self.receiving == nil
+    }
+
+    private func complete(context: ChannelHandlerContext, _ request: ReceivedRequest, reply: HTTPResponse) {
+        let close = self.closesAfter(request)
+        let bytes = reply.serialized(allocator: context.channel.allocator, omitBody: request.head.method == .HEAD, close: close)
+        self.observe(context: context, request)
+        if close {
+            self.writeAndClose(context: context, bytes)
+        } else {
+            context.write(self.wrapOutboundOut(bytes), promise: nil)
+        }
+    }
+
+    /// The last reply on this connection. The socket is half-closed once the reply is out, so the
+    /// peer reads all of it and then the end of the stream; anything it still sends is read and
+    /// discarded until it closes its side, or `lingerTime` passes. Closing outright with unread
+    /// input would make the kernel send a reset, which can destroy the reply before it is read.
+    private func writeAndClose(context: ChannelHandlerContext, _ bytes: ByteBuffer) {
+        self.queue.closing = true
+        self.queue.inputDone = true
+        context.writeAndFlush(self.wrapOutboundOut(bytes), promise: nil)
+        let halfClosed = context.eventLoop.makePromise(of: Void.self)
+        context.close(mode: .output, promise: halfClosed)
+        halfClosed.futureResult.assumeIsolated().whenComplete { result in
+            guard case .success = result else {
+                context.close(promise: nil)
+                return
+            }
+            context.eventLoop.assumeIsolated().scheduleTask(in: Self.lingerTime) { context.close(promise: nil) }
+            context.read()
+        }
+    }
+
+    static let lingerTime = TimeAmount.seconds(2)
+    /// How much a closing connection reads and discards before it closes outright.
+    static let lingerBytes = 64 * 1024
+
+    private func discard(context: ChannelHandlerContext, _ part: HTTPServerRequestPart) {
+        guard case .body(let chunk) = part else { return }
+        self.discarded += chunk.readableBytes
+        if self.discarded > Self.lingerBytes { context.close(promise: nil) }
+    }
+
+    private func observe(context: ChannelHandlerContext, _ request: ReceivedRequest) {
+        let elapsed = context.eventLoop.now.uptimeNanoseconds &- request.startNanoseconds
+        self.state.metrics.observe(route: request.route.rawValue, nanoseconds: elapsed)
+    }
+
+    // MARK: errors
+
+    /// A request NIO cannot parse gets one plain reply, after the replies still owed, and the
+    /// connection is closed, since nothing after it on the stream can be trusted.
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        guard !self.queue.closing, !self.queue.inputDone else { return }
+        let response: HTTPResponse
+        switch error as? HTTPParserError {
+        case .headerOverflow?:
+            response = .error(.requestHeaderFieldsTooLarge, "request header too large", ["request head exceeds \(self.state.configuration.maxHeaderBytes) bytes"])
+        case let parserError?:
+            response = .error(.badRequest, "malformed HTTP request", ["not valid HTTP/1.1 (\(parserError))"])
+        case nil:
+            self.queue.closing = true
+            context.close(promise: nil)
+            return
+        }
+        self.state.logger.info("bad HTTP request", metadata: ["error": "\(error)"])
+        let now = context.eventLoop.now.uptimeNanoseconds
+        let unparsed = HTTPRequestHead(version: .http1_1, method: .GET, uri: "")
+        self.received(context: context, ReceivedRequest(head: unparsed, route: .other, startNanoseconds: now, closeAfter: true, reply: response))
+        context.flush()
+    }
+}

@@ -1,0 +1,95 @@
+import NIOCore
+import NIOHTTP1
+import UsageTrackingCore
+
+/// Which endpoint answers a request, and how: the one place that knows the routes. The
+/// connection handler does what the answer says; the endpoints know nothing of connections.
+enum Router {
+    /// How a request is answered.
+    enum Answer {
+        /// A whole reply, ready now.
+        case reply(HTTPResponse)
+        /// A callback counted (or a repeat of one): the prebuilt 202.
+        case accepted
+        /// `--fsync always`: the answer waits for the ledger's commit (then see `committed`).
+        case committing(EventLoopFuture<LedgerWriter.Verdict>, Callback)
+        /// Too slow for the event loop (it reads the whole store): rendered off it.
+        case rendering(@Sendable () -> HTTPResponse)
+    }
+
+    /// Whether the route reads a request body; the others' bodies are dropped as they arrive.
+    static func takesBody(_ route: Route) -> Bool { route == .track }
+
+    /// Checks made from the head alone, before any body byte is buffered: a refusal here is
+    /// answered at once and the connection closes without reading the body.
+    static func refusal(_ head: HTTPRequestHead, route: Route, state: ServerState) -> CallbackRejection? {
+        route == .track ? TrackEndpoint.check(head, state: state) : nil
+    }
+
+    /// The refusal of a body larger than `--max-body-bytes`.
+    static func bodyTooLarge(_ state: ServerState) -> CallbackRejection {
+        TrackEndpoint.tooLarge(state)
+    }
+
+    /// Answers a request received in full (or refused before it was). `sender` is the peer, as
+    /// the status page shows it.
+    static func answer(_ request: ReceivedRequest, sender: String?, state: ServerState, on eventLoop: EventLoop) -> Answer {
+        if let reply = request.reply { return .reply(reply) }
+        let head = request.head
+        switch request.route {
+        case .track:
+            if let rejection = request.rejection {
+                return .reply(TrackEndpoint.reply(to: rejection, head, sender: sender, state: state))
+            }
+            switch TrackEndpoint.handle(head, body: request.body, sender: sender, state: state, on: eventLoop) {
+            case .accepted: return .accepted
+            case .rejected(let rejection): return .reply(TrackEndpoint.reply(to: rejection, head, sender: sender, state: state))
+            case .committing(let commit, let callback): return .committing(commit, callback)
+            }
+        // A `where` binds to one pattern only, hence one per route.
+        case .metrics where head.isRead, .debug where head.isRead, .status where head.isRead:
+            // All three read the whole store (the status page ranks it), so none runs on the loop.
+            switch request.route {
+            case .debug: return .rendering { [state] in DebugEndpoint.reply(head, state: state) }
+            case .status: return .rendering { [state] in StatusPageEndpoint.reply(head, state: state) }
+            default: return .rendering { [state] in MetricsEndpoint.reply(head, from: sender, state: state) }
+            }
+        case .metrics, .healthz, .readyz, .debug, .status, .other:
+            return .reply(Self.readOnlyReply(request, state: state))
+        }
+    }
+
+    /// The answer to a callback once the ledger's commit says what became of it.
+    static func committed(
+        _ verdict: LedgerWriter.Verdict, _ callback: Callback, _ request: ReceivedRequest, sender: String?, state: ServerState
+    ) -> Answer {
+        guard let rejection = TrackEndpoint.committed(verdict, callback, request.head, sender: sender, state: state) else {
+            return .accepted
+        }
+        return .reply(TrackEndpoint.reply(to: rejection, request.head, sender: sender, state: state))
+    }
+
+    private static func readOnlyReply(_ request: ReceivedRequest, state: ServerState) -> HTTPResponse {
+        let path = Route.path(of: request.head.uri).truncated(toUTF8Bytes: ClientText.echoedBytes)
+        guard request.route != .other else {
+            return .error(.notFound, "not found", ["no route for \(path)"])
+        }
+        guard request.head.isRead else {
+            return .error(
+                .methodNotAllowed, "method not allowed",
+                ["\(request.head.method.rawValue) \(path) is not allowed; use GET"],
+                headers: [("allow", "GET, HEAD")]
+            )
+        }
+        switch request.route {
+        case .healthz: return HealthEndpoints.liveness()
+        case .readyz: return HealthEndpoints.readiness(state: state)
+        case .track, .other, .metrics, .debug, .status: preconditionFailure("answered elsewhere")
+        }
+    }
+}
+
+extension HTTPRequestHead {
+    /// GET or HEAD: what the read-only routes answer.
+    fileprivate var isRead: Bool { self.method == .GET || self.method == .HEAD }
+}
