@@ -3,7 +3,6 @@ Prometheus (Debian's package) on loopback, each started on a port of its own and
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -83,8 +82,22 @@ def stop(process):
             process.wait()
 
 
+def listening(line):
+    """(protocol, port) if `line` is the log line of a listener coming up, else None. Assumed
+    format: `{"msg":"listening","address":"HOST:PORT",...}` for the HTTP listener, the same with
+    `"protocol":"grpc"` for the ext_proc listener (--ext-proc-port); no "protocol" means HTTP."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or entry.get("msg") != "listening":
+        return None
+    return entry.get("protocol", "http"), int(entry["address"].rsplit(":", 1)[1])
+
+
 class Service:
-    """The built binary on 127.0.0.1 with a port the OS chose, read back from its log."""
+    """The built binary on 127.0.0.1 with ports the OS chose, read back from its log: `port` for
+    HTTP and, when started with --ext-proc-port, `ext_proc_port` for gRPC."""
 
     def __init__(self, *arguments, binary=None, wrapper=(), env=None):
         """`wrapper` is a command the binary is run under (a sandbox); `env`, when given, is its
@@ -96,15 +109,18 @@ class Service:
         self.process = subprocess.Popen([*wrapper, binary, "--host", "127.0.0.1", "--port", "0", *arguments],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []
+        expected = {"http", "grpc"} if any(a.startswith("--ext-proc-port") for a in arguments) else {"http"}
+        ports = {}
         deadline = time.time() + 20
         while time.time() < deadline:
             line = self.process.stdout.readline()
             if not line:
                 break
             self.lines.append(line)
-            match = re.search(r'"msg":"listening","address":"[^"]*:(\d+)"', line)
-            if match:
-                self.port = int(match.group(1))
+            if found := listening(line):
+                ports[found[0]] = found[1]
+            if expected <= ports.keys():
+                self.port, self.ext_proc_port = ports["http"], ports.get("grpc")
                 threading.Thread(target=self._drain, daemon=True).start()
                 return
         stop(self.process)
