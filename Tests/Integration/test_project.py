@@ -50,4 +50,4 @@ def test_readme_states_the_swift_tools_the_package_declares():
     with open(README) as f:
         readme = f.read()
     assert f"needs the Swift {tools} tools or newer" in readme
-    assert "It runs on Linux only" in readme and "It counts tokens only from a caller that sends them" in readme
+    assert "It runs on Linux only" in readme and "Tokens come from the model's answer, which Authorino's callback" in readme
