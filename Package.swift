@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
         // No default traits: they would bring in all of Foundation, where FoundationEssentials does.
         .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0", traits: []),
@@ -45,11 +46,14 @@ let package = Package(
             ],
             exclude: ["Protos", "ORIGIN.md", "regenerate"]
         ),
-        // The SwiftNIO HTTP/1 server on top of the core.
+        // The SwiftNIO HTTP/1 server on top of the core, and the ext_proc gRPC listener beside it.
         .target(
             name: "UsageTrackingServer",
             dependencies: [
                 "UsageTrackingCore",
+                "EnvoyExternalProcessing",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -79,6 +83,10 @@ let package = Package(
             dependencies: [
                 "UsageTrackingServer",
                 "HTTPTestSupport",
+                "EnvoyExternalProcessing",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,0 +1,39 @@
+import Logging
+import UsageTrackingCore
+
+/// What one ext_proc stream saw of an HTTP exchange, handed to the counting layer once the
+/// stream has ended. Values are as the headers carried them (the path without its query), each
+/// at most `--max-label-bytes`.
+public struct TokenStreamReport: Sendable, Equatable {
+    public enum End: Sendable, Equatable {
+        /// The response's end of stream was seen (its headers, last body chunk, or trailers).
+        case complete
+        /// The stream ended before that: Envoy reset it, or closed it early.
+        case aborted
+        /// No message for the idle timeout.
+        case idleTimeout
+        /// A message that cannot come where it came, or one that is not a ProcessingRequest;
+        /// the text says which.
+        case protocolError(String)
+    }
+
+    /// nil when the header was absent, or no request headers were sent.
+    public var user: String?
+    public var groups: String?
+    public var path: String?
+    public var requestID: String?
+    /// Why the identity above cannot be used (a header given twice, over the bound, not UTF-8),
+    /// naming the header; nil when it can.
+    public var identityProblem: String?
+    public var reading: AnswerReading
+    public var end: End
+
+    /// For the log: what the client chose, cut to `ClientText.echoedBytes`.
+    var logMetadata: Logger.Metadata {
+        func cut(_ text: String?) -> Logger.Metadata.Value { .string(text?.truncated(toUTF8Bytes: ClientText.echoedBytes) ?? "") }
+        return [
+            "user": cut(self.user), "groups": cut(self.groups), "path": cut(self.path), "request_id": cut(self.requestID),
+            "identity_problem": cut(self.identityProblem), "reading": cut("\(self.reading)"), "end": cut("\(self.end)"),
+        ]
+    }
+}
