@@ -63,6 +63,8 @@ public struct ServerConfiguration: Sendable {
     public var dedupeWindow: TimeAmount = .seconds(600)
     /// Request ids remembered at most; the oldest are forgotten first.
     public var dedupeMaxIDs = 1_000_000
+    /// The Envoy ext_proc gRPC listener (plaintext HTTP/2 on `host`); nil: off. See `ExtProcListener`.
+    public var extProc: ExtProcSettings? = nil
 }
 
 public enum FsyncMode: String, Sendable, CaseIterable {

@@ -32,6 +32,8 @@ final class ServerState: Sendable {
     let labelHasher: LabelHasher?
     /// Commits counts to the ledger; nil without `--state-dir`.
     let ledgerWriter: LedgerWriter?
+    /// The token families' decoder; nil without `--ext-proc-port`.
+    let tokenDecoder: TokenDecoder?
 
     init(
         configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets,
@@ -45,6 +47,10 @@ final class ServerState: Sendable {
         self.secrets = secrets
         self.labelHasher = configuration.labelHMACKey.map { LabelHasher(key: $0) }
         self.decoder = CallbackDecoder(schema: metrics.schema, maximumValueBytes: configuration.maxLabelBytes, hasher: self.labelHasher)
+        let hasher = self.labelHasher
+        self.tokenDecoder = configuration.extProc.map { _ in
+            TokenDecoder(schema: metrics.schema, maximumValueBytes: configuration.maxLabelBytes, hasher: hasher)
+        }
         self.recent = configuration.debugEnabled ? RecentCallbacks(capacity: 100) : nil
         self.status = configuration.debugEnabled ? StatusTracking() : nil
     }

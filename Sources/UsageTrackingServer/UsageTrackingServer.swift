@@ -15,6 +15,7 @@ public final class UsageTrackingServer: Sendable {
     private let renderPool: NIOThreadPool
     private let listener: Channel
     private let connections: OpenConnections
+    private let extProc: ExtProcListener?
     /// Background work that ends with the server: the secret file watcher and the memory releaser.
     private let housekeeping: [Task<Void, Never>]
     private enum ShutdownPhase {
@@ -24,7 +25,7 @@ public final class UsageTrackingServer: Sendable {
 
     private init(
         state: ServerState, group: MultiThreadedEventLoopGroup, renderPool: NIOThreadPool, listener: Channel,
-        connections: OpenConnections, housekeeping: [Task<Void, Never>]
+        connections: OpenConnections, extProc: ExtProcListener?, housekeeping: [Task<Void, Never>]
     ) {
         self.state = state
         self.group = group
@@ -32,6 +33,7 @@ public final class UsageTrackingServer: Sendable {
         self.listener = listener
         self.localAddress = listener.localAddress!
         self.connections = connections
+        self.extProc = extProc
         self.housekeeping = housekeeping
     }
 
@@ -48,7 +50,8 @@ public final class UsageTrackingServer: Sendable {
         let metrics = UsageMetrics(
             schema: configuration.schema, newSeriesHoldNanoseconds: UInt64(max(0, configuration.newSeriesHold.nanoseconds)),
             droppedLogLines: { LogLineWriter.standardOutput.dropped },
-            requestIDs: requestIDs, ledger: configuration.stateDirectory.map { _ in LedgerHealth() }
+            requestIDs: requestIDs, ledger: configuration.stateDirectory.map { _ in LedgerHealth() },
+            extProc: configuration.extProc.map { _ in ExtProcCounters() }
         )
         // Counts come back from the ledger before the listener opens, so no scrape sees a reset.
         let writer = try configuration.stateDirectory.map { directory in
@@ -63,6 +66,11 @@ public final class UsageTrackingServer: Sendable {
         state.logAuthentication()
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
+        func abandon() async {
+            await writer?.stop()
+            try? await group.shutdownGracefully()
+            try? await renderPool.shutdownGracefully()
+        }
         let connections = OpenConnections()
         let listener: Channel
         do {
@@ -86,10 +94,18 @@ public final class UsageTrackingServer: Sendable {
                 .bind(host: configuration.host, port: configuration.port)
                 .get()
         } catch {
-            await writer?.stop()
-            try? await group.shutdownGracefully()
-            try? await renderPool.shutdownGracefully()
+            await abandon()
             throw ListenError(host: configuration.host, port: configuration.port, underlying: error)
+        }
+        let extProc: ExtProcListener?
+        do {
+            extProc = try await ExtProcListener.start(state, group: group) { report in
+                if let decoder = state.tokenDecoder { TokenCounting.count(report, state: state, decoder: decoder, on: group.next()) }
+            }
+        } catch {
+            try? await listener.close()
+            await abandon()
+            throw error
         }
 
         let watcher = state.watchSecretFile()
@@ -103,7 +119,7 @@ public final class UsageTrackingServer: Sendable {
             }
         }
         let server = UsageTrackingServer(
-            state: state, group: group, renderPool: renderPool, listener: listener, connections: connections,
+            state: state, group: group, renderPool: renderPool, listener: listener, connections: connections, extProc: extProc,
             housekeeping: [watcher, memoryReleaser].compactMap { $0 }
         )
         state.ready.store(true, ordering: .relaxed)
@@ -143,16 +159,18 @@ public final class UsageTrackingServer: Sendable {
         }
         self.state.logger.info("shutting down", metadata: ["connections": "\(self.connections.all.count)"])
         try? await self.listener.close()
+        self.extProc?.beginGracefulShutdown()
         for channel in self.connections.all {
             channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         }
         let deadline = NIODeadline.now() + self.state.configuration.shutdownTimeout
-        while NIODeadline.now() < deadline, !self.connections.all.isEmpty {
+        while NIODeadline.now() < deadline, !self.connections.all.isEmpty || self.state.metrics.extProc?.streamsOpen ?? 0 > 0 {
             try? await Task.sleep(for: .milliseconds(20))
         }
         for channel in self.connections.all {
             try? await channel.close()
         }
+        await self.extProc?.stop()
         // After the last callback, before the event loops that its futures complete on stop.
         await self.state.ledgerWriter?.stop()
         try? await self.group.shutdownGracefully()

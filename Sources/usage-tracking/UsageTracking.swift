@@ -104,6 +104,15 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Request ids remembered at most (about 32 bytes each), 1 to 100000000; beyond it the oldest are forgotten early. (env: USAGE_TRACKING_DEDUPE_MAX_IDS; default: 1000000)")
     var dedupeMaxIds: Int?
 
+    @Option(parsing: .unconditional, help: "Port for Envoy's ext_proc gRPC streams (plaintext HTTP/2 on --host), 0 to 65535 (0: any free port). (env: USAGE_TRACKING_EXT_PROC_PORT; default: off)")
+    var extProcPort: Int?
+
+    @Option(parsing: .unconditional, help: "ext_proc streams open at once, 1 to 1000000; one more is refused with RESOURCE_EXHAUSTED. (env: USAGE_TRACKING_EXT_PROC_MAX_STREAMS; default: 10000)")
+    var extProcMaxStreams: Int?
+
+    @Option(parsing: .unconditional, help: "Seconds an ext_proc stream may go without a message before it is ended, 1 to 3600. (env: USAGE_TRACKING_EXT_PROC_IDLE_TIMEOUT; default: 300)")
+    var extProcIdleTimeout: Int?
+
     @Option(help: "Write a consistent copy of the ledger in --state-dir to this new file, while the service runs, and exit; read it with sqlite3.")
     var snapshotLedger: String?
 
@@ -218,6 +227,14 @@ struct UsageTracking: AsyncParsableCommand {
         }
         config.dedupeWindow = try seconds(self.dedupeWindow, "dedupe-window", "USAGE_TRACKING_DEDUPE_WINDOW", 1...86400) ?? config.dedupeWindow
         config.dedupeMaxIDs = try number(self.dedupeMaxIds, "dedupe-max-ids", "USAGE_TRACKING_DEDUPE_MAX_IDS", 1...100_000_000) ?? config.dedupeMaxIDs
+        let maxStreams = try number(self.extProcMaxStreams, "ext-proc-max-streams", "USAGE_TRACKING_EXT_PROC_MAX_STREAMS", 1...1_000_000)
+        let idleTimeout = try number(self.extProcIdleTimeout, "ext-proc-idle-timeout", "USAGE_TRACKING_EXT_PROC_IDLE_TIMEOUT", 1...3600)
+        config.extProc = try number(self.extProcPort, "ext-proc-port", "USAGE_TRACKING_EXT_PROC_PORT", 0...65535).map { port in
+            var extProc = ExtProcSettings(port: port)
+            extProc.maxStreams = maxStreams ?? extProc.maxStreams
+            extProc.idleTimeout = idleTimeout.map { .seconds($0) } ?? extProc.idleTimeout
+            return extProc
+        }
         if config.schema.needsHMACKey, config.labelHMACKey == nil {
             throw ValidationError("\(config.schemaFile ?? "the config"): a label has 'hash: hmac-sha256' but --label-hmac-key-file (USAGE_TRACKING_LABEL_HMAC_KEY_FILE) is not set")
         }

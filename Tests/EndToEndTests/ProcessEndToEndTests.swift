@@ -23,6 +23,9 @@ import Testing
             ("--config", "USAGE_TRACKING_CONFIG", "the built-in llm_requests_total{user,groups,path}"),
             ("--label-hmac-key-file", "USAGE_TRACKING_LABEL_HMAC_KEY_FILE", "none"),
             ("--new-series-hold", "USAGE_TRACKING_NEW_SERIES_HOLD", "0"),
+            ("--ext-proc-port", "USAGE_TRACKING_EXT_PROC_PORT", "off"),
+            ("--ext-proc-max-streams", "USAGE_TRACKING_EXT_PROC_MAX_STREAMS", "10000"),
+            ("--ext-proc-idle-timeout", "USAGE_TRACKING_EXT_PROC_IDLE_TIMEOUT", "300"),
         ]
         let flat = help.output.split(whereSeparator: \.isWhitespace).joined(separator: " ")
         for (flag, variable, value) in documented {

@@ -20,7 +20,7 @@ public final class UsageMetrics: Sendable {
     /// What happened to each callback, indexed like `CallbackOutcome.allCases`. A fixed set, so
     /// plain atomics: recording an outcome costs no lock, hash or allocation.
     private let outcomes = CallbackOutcome.allCases.map { _ in OutcomeCounter() }
-    private final class OutcomeCounter: Sendable {
+    final class OutcomeCounter: Sendable {
         let value = Atomic<UInt64>(0)
     }
 
@@ -40,20 +40,23 @@ public final class UsageMetrics: Sendable {
     public let requestIDs: RequestIDWindow?
     /// The ledger's health, when there is a ledger (`--state-dir`).
     public let ledger: LedgerHealth?
+    /// The Envoy ext_proc listener's streams and errors, when it is on (`--ext-proc-port`).
+    public let extProc: ExtProcCounters?
 
     /// `newSeriesHoldNanoseconds`: see `CounterFamily` (Hold); `clock` is for tests.
     public init(
         schema: MeteringSchema = .default, newSeriesHoldNanoseconds: UInt64 = 0,
         clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds,
         droppedLogLines: @escaping @Sendable () -> UInt64 = { 0 },
-        requestIDs: RequestIDWindow? = nil, ledger: LedgerHealth? = nil, countsTokens: Bool = false
+        requestIDs: RequestIDWindow? = nil, ledger: LedgerHealth? = nil, extProc: ExtProcCounters? = nil
     ) {
         self.schema = schema
+        self.extProc = extProc
         self.requestIDs = requestIDs
         self.ledger = ledger
         let templates = RouteTemplates(RouteTemplates.builtIn + schema.routes).templates
         let ids = self.seriesIDs
-        self.families = (schema.metrics + (countsTokens ? schema.tokens : [])).map { metric in
+        self.families = (schema.metrics + (extProc == nil ? [] : schema.tokens)).map { metric in
             CounterFamily(
                 name: metric.name, help: metric.help, labelNames: metric.labels.map(\.name),
                 maxSeries: metric.maxSeries, maxValues: metric.labels.map(\.maxValues),
@@ -63,7 +66,7 @@ public final class UsageMetrics: Sendable {
             )
         }
         self.droppedLogLines = droppedLogLines
-        self.tokenStreams = countsTokens ? TokenStreamOutcome.allCases.map { _ in OutcomeCounter() } : []
+        self.tokenStreams = extProc != nil ? TokenStreamOutcome.allCases.map { _ in OutcomeCounter() } : []
     }
 
     /// Counts an accepted callback in every family (a family whose value field was absent skips
@@ -196,6 +199,15 @@ public final class UsageMetrics: Sendable {
             writer.sample("usage_tracking_ledger_commits_total", value: ledger.commits)
             writer.family("usage_tracking_ledger_last_commit_timestamp_seconds", help: "Unix time of the ledger's last successful commit (at least every 30 s while healthy).", type: .gauge)
             writer.sample("usage_tracking_ledger_last_commit_timestamp_seconds", value: ledger.lastCommit)
+        }
+        if let extProc = self.extProc {
+            writer.family("usage_tracking_ext_proc_streams_open", help: "Envoy ext_proc streams open now.", type: .gauge)
+            writer.sample("usage_tracking_ext_proc_streams_open", value: UInt64(extProc.streamsOpen))
+            let errors = "usage_tracking_ext_proc_errors_total"
+            writer.family(errors, help: "Envoy ext_proc streams refused or ended by a bound or a bad message, by reason.", type: .counter)
+            for reason in ExtProcCounters.Reason.allCases {
+                writer.sample(errors, labels: ["reason"], values: [reason.rawValue], value: extProc.count(of: reason))
+            }
         }
 
         writer.family("usage_tracking_log_dropped_total", help: "Log lines dropped because standard output was not read fast enough.", type: .counter)

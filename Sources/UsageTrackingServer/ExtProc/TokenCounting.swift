@@ -12,17 +12,9 @@ import UsageTrackingCore
 /// - no usage → `no_usage`, or `aborted` when the stream ended early.
 /// With `--fsync always` the counts show in `/metrics` only once committed, as callbacks do.
 enum TokenCounting {
-    /// What the stream left: the values of `decoder.headerNames` in order, the request id, what
-    /// the answer said and whether it ended (Envoy's end_of_stream on the answer).
-    struct Stream {
-        var headers: [String?]
-        var requestID: String?
-        var reading: AnswerReading
-        var completed: Bool
-    }
-
     /// The outcome, once known (after the commit in `always` mode).
-    static func count(_ stream: Stream, state: ServerState, decoder: TokenDecoder, on eventLoop: EventLoop) -> EventLoopFuture<TokenStreamOutcome> {
+    @discardableResult
+    static func count(_ stream: TokenStreamReport, state: ServerState, decoder: TokenDecoder, on eventLoop: EventLoop) -> EventLoopFuture<TokenStreamOutcome> {
         let outcome = Self.settle(stream, state: state, decoder: decoder, on: eventLoop)
         return outcome.map { outcome in
             state.metrics.record(outcome)
@@ -31,8 +23,8 @@ enum TokenCounting {
         }
     }
 
-    private static func settle(_ stream: Stream, state: ServerState, decoder: TokenDecoder, on eventLoop: EventLoop) -> EventLoopFuture<TokenStreamOutcome> {
-        let identified = stream.headers.indices.allSatisfy { index in
+    private static func settle(_ stream: TokenStreamReport, state: ServerState, decoder: TokenDecoder, on eventLoop: EventLoop) -> EventLoopFuture<TokenStreamOutcome> {
+        let identified = stream.identityProblem == nil && stream.headers.indices.allSatisfy { index in
             !decoder.isRequired(header: index) || !(stream.headers[index]?.trimmingASCIISpaces().isEmpty ?? true)
         }
         guard identified else { return eventLoop.makeSucceededFuture(.noIdentity) }
@@ -40,7 +32,7 @@ enum TokenCounting {
         switch stream.reading {
         case .notModelAnswer: return eventLoop.makeSucceededFuture(.notModelAnswer)
         case .unreadable: return eventLoop.makeSucceededFuture(.unreadable)
-        case .noUsage: return eventLoop.makeSucceededFuture(stream.completed ? .noUsage : .aborted)
+        case .noUsage: return eventLoop.makeSucceededFuture(stream.end == .complete ? .noUsage : .aborted)
         case .usage(let read): usage = read
         }
         let callbacks: [Callback]
@@ -52,7 +44,7 @@ enum TokenCounting {
             state.logger.info("token stream not counted", metadata: ["problems": .array(error.problems.map { .string($0) })])
             return eventLoop.makeSucceededFuture(error.problems.allSatisfy { $0.hasPrefix("header ") } ? .noIdentity : .unreadable)
         }
-        let done: TokenStreamOutcome = stream.completed ? .counted : .aborted
+        let done: TokenStreamOutcome = stream.end == .complete ? .counted : .aborted
         let digest = Self.digest(stream.requestID, state: state)
         if let writer = state.ledgerWriter, writer.mode == .always {
             return writer.commit(tokens: callbacks, digest: digest, on: eventLoop).map { verdict in
@@ -79,13 +71,14 @@ enum TokenCounting {
         return RequestIDWindow.digest("tokens\u{0}" + id)
     }
 
-    private static func log(_ outcome: TokenStreamOutcome, _ stream: Stream, state: ServerState) {
-        var metadata: Logger.Metadata = ["outcome": "\(outcome.rawValue)"]
+    private static func log(_ outcome: TokenStreamOutcome, _ stream: TokenStreamReport, state: ServerState) {
+        var metadata: Logger.Metadata = ["outcome": "\(outcome.rawValue)", "end": "\(stream.end)"]
         metadata["request_id"] = stream.requestID.map { "\($0.truncated(toUTF8Bytes: ClientText.echoedBytes))" }
         switch stream.reading {
         case .notModelAnswer(let reason), .unreadable(let reason): metadata["reason"] = "\(reason)"
         case .usage, .noUsage: break
         }
+        if let problem = stream.identityProblem { metadata["identity_problem"] = "\(problem)" }
         if outcome == .counted {
             state.logger.debug("token stream counted", metadata: metadata)
         } else {

@@ -127,7 +127,7 @@ private let oneMetric = """
     }
 
     @Test func countsGoToTheTokenFamilyAndShowInMetrics() throws {
-        let metrics = UsageMetrics(countsTokens: true)
+        let metrics = UsageMetrics(extProc: ExtProcCounters())
         #expect(metrics.families.map(\.name) == ["llm_requests_total", "llm_tokens_total"])
         for callback in try self.decoder.decode(model: "m", counts: TokenCounts(input: 7, output: 2).byType, headers: self.headers) {
             metrics.count(callback)

@@ -1,0 +1,34 @@
+import UsageTrackingCore
+
+/// What one ext_proc stream saw of an HTTP exchange, handed to the counting layer once the
+/// stream has ended. Values are as the headers carried them (the path without its query), each
+/// at most `--max-label-bytes`.
+public struct TokenStreamReport: Sendable, Equatable {
+    public enum End: Sendable, Equatable {
+        /// The response's end of stream was seen (its headers, last body chunk, or trailers).
+        case complete
+        /// The stream ended before that: Envoy reset it, or closed it early.
+        case aborted
+        /// No message for the idle timeout.
+        case idleTimeout
+        /// A message that cannot come where it came, or one that is not a ProcessingRequest;
+        /// the text says which.
+        case protocolError(String)
+    }
+
+    /// The token families' label headers (`ExtProcHeaderNames.labels`) and their values, nil
+    /// where absent or when no request headers were sent.
+    public var headerNames: [String]
+    public var headers: [String?]
+    public var requestID: String?
+    /// Why the identity above cannot be used (a header given twice, over the bound, not UTF-8),
+    /// naming the header; nil when it can.
+    public var identityProblem: String?
+    public var reading: AnswerReading
+    public var end: End
+
+    /// A label header's value by name.
+    public subscript(header name: String) -> String? {
+        self.headerNames.firstIndex(of: name).flatMap { self.headers[$0] }
+    }
+}
