@@ -83,16 +83,16 @@ def stop(process):
 
 
 def listening(line):
-    """(protocol, port) if `line` is the log line of a listener coming up, else None. Assumed
-    format: `{"msg":"listening","address":"HOST:PORT",...}` for the HTTP listener, the same with
-    `"protocol":"grpc"` for the ext_proc listener (--ext-proc-port); no "protocol" means HTTP."""
+    """(protocol, port) if `line` is the log line of a listener coming up, else None:
+    `{"msg":"listening","address":"HOST:PORT",...}` for HTTP, `"msg":"listening ext_proc"` for
+    the gRPC listener of --ext-proc-port."""
     try:
         entry = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(entry, dict) or entry.get("msg") != "listening":
+    if not isinstance(entry, dict) or entry.get("msg") not in ("listening", "listening ext_proc"):
         return None
-    return entry.get("protocol", "http"), int(entry["address"].rsplit(":", 1)[1])
+    return "http" if entry["msg"] == "listening" else "grpc", int(entry["address"].rsplit(":", 1)[1])
 
 
 class Service:

@@ -124,6 +124,13 @@ public final class AnswerUsageReader {
         }
     }
 
+    /// The answer's end (Envoy's end of stream): a JSON answer whose document has not closed by
+    /// then was cut short, and its usage, if any came, cannot be trusted.
+    public func end() {
+        guard self.outcome == nil, self.format == .json, !self.scanner.isComplete else { return }
+        self.outcome = .unreadable("the answer ends inside its JSON document")
+    }
+
     /// Decoded body bytes.
     private func read(_ bytes: UnsafeRawBufferPointer) {
         var bytes = bytes

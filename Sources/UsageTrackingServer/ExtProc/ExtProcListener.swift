@@ -45,7 +45,12 @@ final class ExtProcListener: Sendable {
             transport = HTTP2ServerTransport.Posix(
                 address: resolved.protocol == .inet6 ? .ipv6(host: ip, port: settings.port) : .ipv4(host: ip, port: settings.port),
                 transportSecurity: .plaintext,
-                config: .defaults { $0.rpc.maxRequestPayloadSize = Self.maxMessageBytes },
+                config: .defaults {
+                    $0.rpc.maxRequestPayloadSize = Self.maxMessageBytes
+                    // Envoy multiplexes many ext_proc streams over few connections: HTTP/2's own
+                    // default of 100 per connection would refuse streams long before our cap.
+                    $0.http2.maxConcurrentStreams = settings.maxStreams
+                },
                 eventLoopGroup: group
             )
         } catch {

@@ -73,10 +73,12 @@ struct ExtProcStream {
             self.phase = body.endOfStream ? .ended : .responseBody
             if self.responseProblem == nil {
                 body.body.withUnsafeBytes { self.reader.body($0) }
+                if body.endOfStream { self.reader.end() }
             }
             reply.responseBody = .init()
         case .responseTrailers:
             self.phase = .ended
+            self.reader.end()
             reply.responseTrailers = .init()
         }
         return message.observabilityMode ? .silent : .reply(reply)

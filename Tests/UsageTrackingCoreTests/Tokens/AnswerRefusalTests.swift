@@ -102,6 +102,28 @@ extension Tokens {
             #expect(reading(Array(fits.utf8), headers: .json, limits: limits) == usage("", input: 1000, output: 1))
         }
 
+        /// A JSON answer that ends before its document closes was cut short: its usage, even
+        /// one read already, is not trusted. An event stream that ends is read as far as it went.
+        @Test func anAnswerEndingInsideItsJSONIsUnreadable() {
+            let whole = Array(SampleAnswers.openAIChat.body.utf8)
+            for length in [1, whole.count / 2, whole.count - 1] {
+                let reader = AnswerUsageReader()
+                reader.responseHeaders(status: 200, contentType: "application/json", contentEncoding: nil)
+                whole.prefix(length).withUnsafeBytes { reader.body($0) }
+                #expect(reader.reading == .noUsage)
+                reader.end()
+                #expect(reader.reading == .unreadable("the answer ends inside its JSON document"))
+            }
+            let reader = AnswerUsageReader()
+            whole.withUnsafeBytes { reader.body($0) }
+            reader.end()
+            #expect(reader.reading == reading(whole, headers: .json))
+            let stream = AnswerUsageReader()
+            Array("data: {\"model\":\"m\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\ndata: {\"mod".utf8).withUnsafeBytes { stream.body($0) }
+            stream.end()
+            #expect(stream.reading == usage("m", input: 1, output: 2))
+        }
+
         /// Optional Anthropic fields given as null are "not given", not a refusal.
         @Test func anthropicNullCacheFieldsAreNotGiven() {
             let body = #"{"type":"message","model":"c","usage":{"input_tokens":5,"cache_read_input_tokens":null,"output_tokens":2}}"#
