@@ -58,6 +58,10 @@ struct ExtProcService: Envoy_Service_ExtProc_V3_ExternalProcessor.SimpleServiceP
                     self.counters.record(reason)
                     return (stream.report(end: .protocolError(problem)), RPCError(code: .invalidArgument, message: problem))
                 }
+                // The answer is over: end the RPC with OK now. Envoy otherwise resets each
+                // finished stream itself, and HTTP/2's guard against rapid resets (200 in 30 s
+                // per connection) then closes the connection under ordinary traffic.
+                if stream.isComplete { return (stream.report(end: .complete), nil) }
             }
         } catch {
             // Bytes that are not a ProcessingRequest (invalidArgument, from the deserializer), or a

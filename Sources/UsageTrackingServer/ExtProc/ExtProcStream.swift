@@ -41,12 +41,12 @@ struct ExtProcStream {
         self.identity = Array(repeating: nil, count: headers.labels.count + 1)
     }
 
-    /// True once the response's end of stream has been seen.
+    /// True once the response's end of stream has been seen: the caller ends the RPC then and
+    /// passes nothing more to `receive`.
     var isComplete: Bool { self.phase == .ended }
 
     mutating func receive(_ message: Request) -> Step {
         guard let kind = message.request else { return .refuse(.invalidMessage, "a ProcessingRequest with no phase set") }
-        if self.phase == .ended { return .refuse(.outOfOrder, "\(kind.name) after the response's end of stream") }
         var reply = Response()
         switch kind {
         case .requestHeaders(let request):

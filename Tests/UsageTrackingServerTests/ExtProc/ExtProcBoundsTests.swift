@@ -60,11 +60,23 @@ import UsageTrackingCore
         #expect(harness.counters.count(of: .idleTimeout) == 0)
     }
 
+    /// At the response's end the RPC ends with OK and the stream is reported complete: what Envoy
+    /// might send after it is never read, so it can neither be counted nor hold anything.
     @Test(arguments: [
-        ([Envoy.requestHeaders(Head.identity), Envoy.responseBody("{}", endOfStream: true), Envoy.responseBody("{}", endOfStream: true)],
-         "response_body after the response's end of stream", 2),
-        ([Envoy.requestHeaders(Head.identity), Envoy.responseHeaders(Head.answerHead, endOfStream: true), Envoy.requestBody("", endOfStream: true)],
-         "request_body after the response's end of stream", 2),
+        [Envoy.requestHeaders(Head.identity), Envoy.responseBody("{}", endOfStream: true), Envoy.responseBody("{}", endOfStream: true)],
+        [Envoy.requestHeaders(Head.identity), Envoy.responseHeaders(Head.answerHead, endOfStream: true), Envoy.requestBody("", endOfStream: true)],
+    ])
+    func theRPCEndsAtTheResponsesEnd(messages: [ProcessingRequest]) async throws {
+        let harness = ExtProcHarness()
+        let (exchange, report) = try await harness.exchange(messages)
+        #expect(exchange.error == nil)
+        #expect(exchange.replies.count == 2)
+        #expect(report?.end == .complete)
+        #expect(harness.reports.all.count == 1)
+        #expect(harness.counters.count(of: .outOfOrder) == 0)
+    }
+
+    @Test(arguments: [
         ([Envoy.requestHeaders(Head.identity), Envoy.requestHeaders(Head.identity)], "request_headers after another phase", 1),
         ([Envoy.responseHeaders(Head.answerHead), Envoy.responseHeaders(Head.answerHead)], "response_headers given twice", 1),
         ([Envoy.responseBody("{", endOfStream: false), Envoy.responseHeaders(Head.answerHead)], "response_headers after the response body", 1),
