@@ -100,6 +100,7 @@ public final class UsageTrackingServer: Sendable {
         let extProc: ExtProcListener?
         do {
             extProc = try await ExtProcListener.start(state, group: group) { report in
+                logger.debug("ext_proc stream ended", metadata: report.logMetadata)
                 if let decoder = state.tokenDecoder { TokenCounting.count(report, state: state, decoder: decoder, on: group.next()) }
             }
         } catch {

@@ -20,19 +20,33 @@ final class PipelineHarness {
 
     /// Off-loop work runs inline by default, so replies are written before `send` returns; a test
     /// of the ordering around slow replies passes its own runner.
-    init(
+    convenience init(
         _ configure: (inout ServerConfiguration) -> Void = { _ in }, logLevel: Logger.Level = .info, ready: Bool = true,
         runOffLoop: @escaping ServerState.OffLoopRunner = { eventLoop, work in eventLoop.makeSucceededFuture(work()) }
     ) throws {
         var configuration = ServerConfiguration()
         configure(&configuration)
+        try self.init(configuration, logLevel: logLevel, ready: ready, runOffLoop: runOffLoop, requestIDs: nil)
+    }
+
+    /// `requestIDs`: the dedupe window, which the tests of repeated ids give themselves.
+    init(
+        _ configuration: ServerConfiguration, logLevel: Logger.Level = .info, ready: Bool = true,
+        runOffLoop: @escaping ServerState.OffLoopRunner = { eventLoop, work in eventLoop.makeSucceededFuture(work()) },
+        requestIDs: RequestIDWindow?
+    ) throws {
         let logs = self.logs
         let logger = Logger(label: "test") { _ in
             JSONLogHandler(level: logLevel) { line in logs.lines.withLock { $0.append(line) } }
         }
         let secrets = try CallbackSecrets(value: configuration.callbackSecret, filePath: configuration.callbackSecretFile)
         self.state = ServerState(
-            configuration: configuration, logger: logger, metrics: UsageMetrics(schema: configuration.schema), secrets: secrets, runOffLoop: runOffLoop
+            configuration: configuration, logger: logger,
+            metrics: UsageMetrics(
+                schema: configuration.schema, requestIDs: requestIDs,
+                extProc: configuration.extProc.map { _ in ExtProcCounters() }
+            ),
+            secrets: secrets, runOffLoop: runOffLoop
         )
         self.state.ready.store(ready, ordering: .relaxed)
         try HTTPPipeline.configure(self.channel, state: self.state)

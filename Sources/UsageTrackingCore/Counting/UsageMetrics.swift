@@ -107,6 +107,19 @@ public final class UsageMetrics: Sendable {
 
     public static let callbacksName = "usage_tracking_callbacks_total"
 
+    /// Per family, the index of the token type label (token families only, else nil).
+    public var tokenTypeLabels: [Int?] {
+        self.families.indices.map { index in
+            index < self.schema.metrics.count ? nil
+                : self.schema.tokens[index - self.schema.metrics.count].labels.firstIndex { $0.source == .body(MeteringSchema.TokenField.type) }
+        }
+    }
+
+    /// Every token stream outcome with its count, in name order; empty without ext_proc.
+    public var tokenStreamCounts: [(outcome: TokenStreamOutcome, count: UInt64)] {
+        self.tokenStreams.isEmpty ? [] : TokenStreamOutcome.allCases.sorted { $0.rawValue < $1.rawValue }.map { ($0, self.count(of: $0)) }
+    }
+
     public func record(_ outcome: TokenStreamOutcome) {
         self.tokenStreams[TokenStreamOutcome.allCases.firstIndex(of: outcome)!].value.wrappingAdd(1, ordering: .relaxed)
     }
@@ -141,8 +154,8 @@ public final class UsageMetrics: Sendable {
         if !self.tokenStreams.isEmpty {
             let name = TokenStreamOutcome.metricName
             writer.family(name, help: "Model answers read through Envoy's External Processing filter, by outcome: counted, or why not.", type: .counter)
-            for outcome in TokenStreamOutcome.allCases.sorted(by: { $0.rawValue < $1.rawValue }) {
-                writer.sample(name, labels: ["outcome"], values: [outcome.rawValue], value: self.count(of: outcome))
+            for (outcome, count) in self.tokenStreamCounts {
+                writer.sample(name, labels: ["outcome"], values: [outcome.rawValue], value: count)
             }
         }
 

@@ -25,9 +25,12 @@ public struct LabelRanking: Sendable {
     /// One ranking per label of `family`, read one stripe at a time: each stripe's series are
     /// summed right after they are copied, while they are still in cache, and the copy is one
     /// stripe's rather than the whole store's.
-    public static func rank(_ family: CounterFamily, top k: Int) -> [LabelRanking] {
+    /// `include` keeps only some series (a token family ranks input and output, not their parts).
+    public static func rank(_ family: CounterFamily, top k: Int, include: ((LabelValues) -> Bool)? = nil) -> [LabelRanking] {
         var sums = Sums(labelNames: family.labelNames, expectedSeries: family.seriesCount)
-        family.forEachStripe { sums.add($0) }
+        family.forEachStripe { stripe in
+            if let include { sums.add(stripe.filter { include($0.labels) }) } else { sums.add(stripe) }
+        }
         return sums.rankings(top: k)
     }
 

@@ -26,6 +26,7 @@ enum DebugEndpoint {
             ("configuration", .object(report.configuration)),
             ("series", .object(report.series.map { ($0.name, .integer(Int64($0.count))) })),
             ("callbacks", .object(report.outcomes.map { ($0.outcome.rawValue, .integer(Int64($0.count))) })),
+            ("token_streams", .object(report.tokenStreams.map { ($0.outcome.rawValue, .integer(Int64($0.count))) })),
             ("recent_rejected", .array(report.recentRejected.map(Self.json))),
             ("recent_accepted", .array(report.recentAccepted.map(Self.json))),
             ("host_name", .string(report.hostName)),

@@ -102,6 +102,13 @@ enum StatusPageEndpoint {
         Self.chart(report.rates, into: page)
         page.raw("</div></div></section>\n")
 
+        if !report.tokenStreams.isEmpty {
+            page.raw("<section><h2>Model answers</h2><p>read through Envoy's ext_proc filter; the token tables below rank input and output tokens</p>")
+                .raw("<table><thead><tr><th>outcome</th><th>answers</th></tr></thead><tbody id=\"token-streams\">")
+            for (outcome, count) in report.tokenStreams { page.row([outcome.rawValue, String(count)]) }
+            page.raw("</tbody></table></section>\n")
+        }
+
         page.raw("<section><h2>Top by count</h2><p>series held: <span id=\"series\">")
             .text(report.series.map { "\($0.name) \($0.count)" }.joined(separator: ", "))
             .raw("</span> · ranked at <span id=\"ranked-at\">").text(JSONLogHandler.timestamp(unixSeconds: report.rankings.computedAt))
@@ -296,6 +303,7 @@ enum StatusPageEndpoint {
         function render(d){
         put('host',d.host_name);put('version',d.version);put('uptime',duration(d.uptime_seconds));
         rows('outcomes',Object.keys(d.callbacks).map(function(k){return [k,d.callbacks[k]];}));
+        if(document.getElementById('token-streams'))rows('token-streams',Object.keys(d.token_streams).map(function(k){return [k,d.token_streams[k]];}));
         var kinds=['accepted','refused'];
         put('rates',kinds.map(function(k){return k+': '+num(d.rates[k].last_1m)+'/s over 1 min, '+num(d.rates[k].last_5m)+'/s over 5 min';}).join(' · '));
         var peak=Math.max(1,Math.max.apply(null,d.per_second.accepted.concat(d.per_second.refused)));

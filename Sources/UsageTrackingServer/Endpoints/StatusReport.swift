@@ -32,15 +32,18 @@ final class StatusTracking: Sendable {
     /// The current rankings, recomputed once the cached ones have expired (see
     /// `rankingLifetime`). Runs off the event loops (0.7 s at 1M series); the lock is held only
     /// to read or replace the cache, never while ranking.
-    func rankings(of families: [CounterFamily], now: NIODeadline = .now()) -> Rankings {
+    /// `tokenTypes`: per family, its token type label's index; such a family is ranked by input
+    /// and output only, since the other types are parts of those two.
+    func rankings(of families: [CounterFamily], tokenTypes: [Int?], now: NIODeadline = .now()) -> Rankings {
         if let cached = self.cachedRankings.withLock({ $0 }), now < cached.until {
             return cached.rankings
         }
         let started = NIODeadline.now()
         let rankings = Rankings(
             computedAt: wallClock(),
-            families: families.map { family in
-                (family.name, LabelRanking.rank(family, top: Self.topCount))
+            families: zip(families, tokenTypes).map { family, type in
+                let wholes = type.map { type in { (labels: LabelValues) in labels[type] == "input" || labels[type] == "output" } }
+                return (family.name, LabelRanking.rank(family, top: Self.topCount, include: wholes))
             }
         )
         let took = NIODeadline.now() - started
@@ -85,6 +88,8 @@ struct StatusReport {
     var labelNames: [String]
     var series: [(name: String, count: Int)]
     var outcomes: [(outcome: CallbackOutcome, count: UInt64)]
+    /// Model answers by outcome; empty without `--ext-proc-port`.
+    var tokenStreams: [(outcome: TokenStreamOutcome, count: UInt64)]
     var rates: [Rate]
     var rankings: StatusTracking.Rankings
     /// Per family name, per label: distinct values held against the label's `max_values` (nil
@@ -167,8 +172,9 @@ struct StatusReport {
             labelNames: family.labelNames,
             series: state.metrics.countedFamilies.map { ($0.name, $0.seriesCount) },
             outcomes: state.metrics.outcomeCounts,
+            tokenStreams: state.metrics.tokenStreamCounts,
             rates: rates,
-            rankings: status.rankings(of: state.metrics.countedFamilies),
+            rankings: status.rankings(of: state.metrics.countedFamilies, tokenTypes: state.metrics.tokenTypeLabels),
             budgets: Dictionary(uniqueKeysWithValues: state.metrics.countedFamilies.map { family in
                 let held = family.budgetUse().values
                 return (family.name, zip(held, family.maxValues).map { ($0, $1 == .max ? nil : $1) })

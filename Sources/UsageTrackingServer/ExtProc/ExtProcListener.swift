@@ -48,8 +48,9 @@ final class ExtProcListener: Sendable {
                 config: .defaults {
                     $0.rpc.maxRequestPayloadSize = Self.maxMessageBytes
                     // Envoy multiplexes many ext_proc streams over few connections: HTTP/2's own
-                    // default of 100 per connection would refuse streams long before our cap.
-                    $0.http2.maxConcurrentStreams = settings.maxStreams
+                    // default of 100 per connection would refuse streams long before our cap; one more
+                    // than the cap, so a client at the cap on one connection meets our refusal, not a wait.
+                    $0.http2.maxConcurrentStreams = settings.maxStreams + 1
                 },
                 eventLoopGroup: group
             )

@@ -173,10 +173,10 @@ import UsageTrackingCore
         let family = CounterFamily(name: "t_total", help: "t", labelNames: ["user"])
         family.increment(["a"])
         let start = NIODeadline.now()
-        let first = status.rankings(of: [family], now: start)
+        let first = status.rankings(of: [family], tokenTypes: [nil], now: start)
         family.increment(["b"], by: 5)
-        #expect(status.rankings(of: [family], now: start + .milliseconds(1900)).families[0].labels[0].top.map(\.value) == ["a"])
-        let later = status.rankings(of: [family], now: start + .seconds(2))
+        #expect(status.rankings(of: [family], tokenTypes: [nil], now: start + .milliseconds(1900)).families[0].labels[0].top.map(\.value) == ["a"])
+        let later = status.rankings(of: [family], tokenTypes: [nil], now: start + .seconds(2))
         #expect(later.families[0].labels[0].top.map(\.value) == ["b", "a"])
         #expect(first.families[0].name == "t_total")
     }
