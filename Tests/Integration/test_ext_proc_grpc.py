@@ -209,3 +209,354 @@ def test_a_busy_ext_proc_port_is_named():
         status, output = startup_failure(("--port", "0", "--ext-proc-port", str(port)))
     assert status == 1
     assert f"cannot listen on 127.0.0.1:{port}: " in output
+
+
+# Hostile and broken streams: each ends in the outcome or bound README names, read from /metrics,
+# and the process still answers /healthz afterwards.
+
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+MIB = 1 << 20
+
+
+def series(running):
+    """Every sample of /metrics as {'name{labels}': value}, labels as the service writes them."""
+    _, _, body = request(running.service.port, "GET", "/metrics")
+    samples = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def outcome(name):
+    return f'usage_tracking_token_streams_total{{outcome="{name}"}}'
+
+
+def error(reason):
+    return f'usage_tracking_ext_proc_errors_total{{reason="{reason}"}}'
+
+
+def tokens(user, kind, model="m", groups="premium", path="/v1/chat/completions"):
+    return f'llm_tokens_total{{user="{user}",groups="{groups}",path="{path}",model="{model}",type="{kind}"}}'
+
+
+def wait_for(running, key, value, seconds=10):
+    """Polls /metrics until `key` reads `value`; returns the last samples either way."""
+    deadline = time.time() + seconds
+    while True:
+        samples = series(running)
+        if samples.get(key) == value or time.time() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
+def assert_alive(running):
+    assert running.service.process.poll() is None, "".join(running.service.lines[-20:])
+    assert request(running.service.port, "GET", "/healthz")[0] == 200
+
+
+def rss_kib(running):
+    with open(f"/proc/{running.service.process.pid}/status") as status:
+        return int(re.search(r"^VmRSS:\s+(\d+) kB$", status.read(), re.MULTILINE).group(1))
+
+
+def answer(chunks, user="alice", request_id="req-1", head=ANSWER_HEAD, identity=None):
+    """One whole stream: request headers (identity), response headers, then `chunks` of body, the
+    last with end_of_stream."""
+    if identity is None:
+        identity = [(":method", "POST"), (":path", "/v1/chat/completions?x=1"), ("x-usage-user", user),
+                    ("x-usage-groups", "premium"), ("x-request-id", request_id)]
+    messages = [Request(request_headers=ext_proc.HttpHeaders(headers=header_map(identity))),
+                Request(response_headers=ext_proc.HttpHeaders(headers=header_map(head)))]
+    messages += [Request(response_body=ext_proc.HttpBody(body=chunk, end_of_stream=index == len(chunks) - 1))
+                 for index, chunk in enumerate(chunks)]
+    return messages
+
+
+def in_chunks(data, size=MIB):
+    return [data[start:start + size] for start in range(0, len(data), size)] or [b""]
+
+
+def json_answer(usage, model="m"):
+    return ('{"id":"c1","object":"chat.completion","model":"%s","choices":[],"usage":%s}' % (model, usage)).encode()
+
+
+SSE_HEAD = [(":status", "200"), ("content-type", "text/event-stream")]
+SSE_ANSWER = (b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi \xc3\xa9"}}]}\n\n'
+              b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":13,'
+              b'"completion_tokens":21,"total_tokens":34,"prompt_tokens_details":{"cached_tokens":2},'
+              b'"completion_tokens_details":{"reasoning_tokens":4}}}\n\ndata: [DONE]\n\n')
+SSE_TOKENS = {"input": 13, "output": 21, "cached_input": 2, "reasoning": 4}
+
+
+@pytest.fixture
+def processor():
+    running = ExtProc()
+    yield running
+    running.close()
+
+
+def test_garbage_bytes_instead_of_a_processing_request_end_the_stream(processor):
+    raw = processor.channel.stream_stream(PROCESS, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as ended:
+        list(raw(iter([b"\xff\xfe\x07garbage\x00\x01" * 8]), timeout=10))
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ended.value.details()
+    samples = wait_for(processor, error("invalid_message"), 1)
+    assert samples[error("invalid_message")] == 1
+    assert samples["usage_tracking_ext_proc_streams_open"] == 0
+    assert_alive(processor)
+    # The same connection still carries a good stream.
+    assert len(list(processor.stub.Process(iter(answer(in_chunks(json_answer('{"prompt_tokens":1,"completion_tokens":2}')))), timeout=10))) == 3
+    assert wait_for(processor, outcome("counted"), 1)[outcome("counted")] == 1
+
+
+def test_a_stream_that_never_ends_is_timed_out_and_no_longer_open():
+    running = ExtProc("--ext-proc-idle-timeout", "1")
+    try:
+        release = threading.Event()
+        call = running.stub.Process(held_open(answer([b""])[:1], release), timeout=10)
+        next(call)
+        assert series(running)["usage_tracking_ext_proc_streams_open"] == 1
+        started = time.time()
+        with pytest.raises(grpc.RpcError) as ended:
+            next(call)
+        release.set()
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0.5 < time.time() - started < 5
+        samples = wait_for(running, "usage_tracking_ext_proc_streams_open", 0)
+        assert samples["usage_tracking_ext_proc_streams_open"] == 0
+        assert samples[error("idle_timeout")] == 1
+        assert_alive(running)
+    finally:
+        running.close()
+
+
+async def _open_streams(port, count, channels=1):
+    """Opens `count` streams (request headers only) spread over `channels` connections; returns
+    (calls that were answered and are held open, the status codes of those refused, the channels)."""
+    import asyncio
+    from grpc import aio
+    # A local subchannel pool each, or grpcio would share one connection among the channels.
+    links = [aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+             for _ in range(channels)]
+    stubs = [ext_proc_grpc.ExternalProcessorStub(link) for link in links]
+    headers = answer([b""])[0]
+
+    async def one(index):
+        call = stubs[index % channels].Process(timeout=60)
+        await call.write(headers)
+        try:
+            await call.read()
+            return call, None
+        except aio.AioRpcError as refused:
+            return None, refused.code()
+
+    results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), 40)
+    return [call for call, _ in results if call], [code for _, code in results if code], links
+
+
+async def _close(calls, links):
+    for call in calls:
+        call.cancel()
+    for link in links:
+        await link.close()
+
+
+def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
+    import asyncio
+    running = ExtProc("--ext-proc-max-streams", "50")
+    try:
+        async def scenario():
+            # Six connections of ten: on one connection the client would queue streams past the
+            # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS the server advertises, never sending them.
+            held, refused, links = await _open_streams(running.port, 60, channels=6)
+            try:
+                assert series(running)["usage_tracking_ext_proc_streams_open"] == 50
+                return len(held), refused
+            finally:
+                await _close(held, links)
+        held, refused = asyncio.run(asyncio.wait_for(scenario(), 50))
+        assert (held, refused) == (50, [grpc.StatusCode.RESOURCE_EXHAUSTED] * 10)
+        samples = wait_for(running, "usage_tracking_ext_proc_streams_open", 0)
+        assert samples[error("over_capacity")] == 10
+        assert samples["usage_tracking_ext_proc_streams_open"] == 0
+        assert_alive(running)
+    finally:
+        running.close()
+
+
+def test_memory_per_open_idle_stream(processor):
+    import asyncio
+    count = 2000
+    # One stream first, so the connection's and the first stream's one-off costs are not counted.
+    assert len(list(processor.stub.Process(iter(answer(in_chunks(json_answer('{"prompt_tokens":1,"completion_tokens":2}')))), timeout=10))) == 3
+
+    async def scenario():
+        before = rss_kib(processor)
+        held, refused, links = await _open_streams(processor.port, count, channels=4)
+        try:
+            assert (len(held), refused) == (count, [])
+            assert series(processor)["usage_tracking_ext_proc_streams_open"] == count
+            return before, rss_kib(processor)
+        finally:
+            await _close(held, links)
+    started = time.time()
+    before, during = asyncio.run(asyncio.wait_for(scenario(), 55))
+    per_stream = (during - before) / count
+    print(f"\nRSS {before} KiB before, {during} KiB with {count} open idle streams: {per_stream:.1f} KiB per stream "
+          f"({time.time() - started:.1f} s)")
+    assert per_stream < 64
+    assert wait_for(processor, "usage_tracking_ext_proc_streams_open", 0)["usage_tracking_ext_proc_streams_open"] == 0
+    assert_alive(processor)
+
+
+BAD_USAGE = {
+    "negative": '{"prompt_tokens":-3,"completion_tokens":5}',
+    "above_2_53": '{"prompt_tokens":9007199254740993,"completion_tokens":5}',
+    "huge": '{"prompt_tokens":100000000000000000000000000000,"completion_tokens":5}',
+    "fraction": '{"prompt_tokens":3.5,"completion_tokens":5}',
+    "exponent": '{"prompt_tokens":3e2,"completion_tokens":5}',
+    "string": '{"prompt_tokens":"3","completion_tokens":5}',
+    "null": '{"prompt_tokens":null,"completion_tokens":5}',
+    "repeated": '{"prompt_tokens":3,"prompt_tokens":4,"completion_tokens":5}',
+    "part_over_whole": '{"prompt_tokens":3,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}',
+}
+
+
+def test_unbelievable_usage_is_unreadable_and_a_good_answer_after_it_counts(processor):
+    for number, (case, usage) in enumerate(BAD_USAGE.items()):
+        replies = list(processor.stub.Process(iter(answer([json_answer(usage)], user=case, request_id=f"bad-{case}")), timeout=10))
+        assert len(replies) == 3, case
+        samples = wait_for(processor, outcome("unreadable"), number + 1)
+        assert samples[outcome("unreadable")] == number + 1, case
+        assert not [key for key in samples if key.startswith("llm_tokens_total{") and f'user="{case}"' in key], case
+        assert_alive(processor)
+    good = answer(in_chunks(json_answer('{"prompt_tokens":7,"completion_tokens":9}'), 5), user="bob", request_id="good")
+    assert len(list(processor.stub.Process(iter(good), timeout=10))) == len(good)
+    samples = wait_for(processor, outcome("counted"), 1)
+    assert samples[outcome("counted")] == 1
+    assert samples[outcome("unreadable")] == len(BAD_USAGE)
+    assert {key: value for key, value in samples.items() if key.startswith("llm_tokens_total{")} == {
+        tokens("bob", "input"): 7, tokens("bob", "output"): 9}
+
+
+def test_a_gzip_bomb_is_unreadable_within_bounded_memory(processor):
+    import gzip
+    gzip_head = ANSWER_HEAD + [("content-encoding", "gzip")]
+    # A real gzipped answer counts, so the bomb's outcome is the bomb's and not gzip's.
+    honest = answer(in_chunks(gzip.compress(json_answer('{"prompt_tokens":2,"completion_tokens":3}')), 7),
+                    request_id="gz-ok", head=gzip_head)
+    assert len(list(processor.stub.Process(iter(honest), timeout=10))) == len(honest)
+    assert wait_for(processor, outcome("counted"), 1)[tokens("alice", "output")] == 3
+    bomb = gzip.compress(b'{"model":"m","pad":"' + b"0" * (50 * MIB) + b'","usage":{"prompt_tokens":1,"completion_tokens":1}}', 9)
+    before = rss_kib(processor)
+    messages = answer(in_chunks(bomb, 64 << 10), request_id="gz-bomb", head=gzip_head)
+    list(processor.stub.Process(iter(messages), timeout=30))
+    samples = wait_for(processor, outcome("unreadable"), 1)
+    grown = rss_kib(processor) - before
+    print(f"\ngzip bomb: {len(bomb)} bytes inflating to {50 * MIB} bytes; RSS grew {grown} KiB")
+    assert samples[outcome("unreadable")] == 1
+    assert samples[outcome("counted")] == 1
+    assert samples[tokens("alice", "input")] == 2
+    assert grown < 50 * 1024
+    assert_alive(processor)
+
+
+def test_an_event_stream_line_of_10_mb_then_usage_counts_within_bounded_memory(processor):
+    huge_line = b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"' + \
+        b"y" * (10 * MIB) + b'"}}]}\n\n'
+    # As much again in short lines first: the transport's and allocator's first-use growth (about
+    # 8 MiB) is then behind us, and what remains would be the line if it were kept.
+    short_lines = b"".join(b'data: {"choices":[],"pad":"' + b"y" * 1000 + b'"}\n\n' for _ in range(10 * 1024))
+    warm = answer(in_chunks(short_lines + SSE_ANSWER), request_id="warm", head=SSE_HEAD)
+    assert len(list(processor.stub.Process(iter(warm), timeout=30))) == len(warm)
+    assert wait_for(processor, outcome("counted"), 1)[outcome("counted")] == 1
+    before = rss_kib(processor)
+    messages = answer(in_chunks(huge_line + SSE_ANSWER), head=SSE_HEAD)
+    assert len(list(processor.stub.Process(iter(messages), timeout=30))) == len(messages)
+    samples = wait_for(processor, outcome("counted"), 2)
+    grown = rss_kib(processor) - before
+    print(f"\n10 MB event-stream line in {len(messages) - 2} messages: RSS grew {grown} KiB")
+    assert samples[outcome("counted")] == 2
+    assert {key: value for key, value in samples.items() if key.startswith("llm_tokens_total{")} == {
+        tokens("alice", kind): 2 * value for kind, value in SSE_TOKENS.items()}
+    assert grown < 5 * 1024
+    assert_alive(processor)
+
+
+def test_an_event_stream_split_at_every_byte_counts_the_same():
+    running = ExtProc()
+    link = None
+    try:
+        totals = dict.fromkeys(SSE_TOKENS, 0)
+        for position in range(len(SSE_ANSWER) + 1):
+            if position % 50 == 0:  # a fresh connection now and then, clear of HTTP/2's rapid-reset guard
+                if link:
+                    link.close()
+                link = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+                stub = ext_proc_grpc.ExternalProcessorStub(link)
+            chunks = [SSE_ANSWER[:position], SSE_ANSWER[position:]]
+            messages = answer(chunks, request_id=f"split-{position}", head=SSE_HEAD)
+            assert len(list(stub.Process(iter(messages), timeout=10))) == 4, position
+            totals = {kind: value + SSE_TOKENS[kind] for kind, value in totals.items()}
+            samples = wait_for(running, outcome("counted"), position + 1)
+            assert samples[outcome("counted")] == position + 1, f"split at {position}: {SSE_ANSWER[:position][-20:]!r}"
+            assert {kind: samples.get(tokens("alice", kind)) for kind in SSE_TOKENS} == totals, position
+        assert sum(value for key, value in samples.items() if key.startswith("usage_tracking_token_streams_total{")) == len(SSE_ANSWER) + 1
+        assert_alive(running)
+    finally:
+        if link:
+            link.close()
+        running.close()
+
+
+def test_the_ledger_restores_token_counts_and_remembers_request_ids_across_a_restart(tmp_path):
+    state = str(tmp_path / "state")
+    first = ExtProc("--state-dir", state, "--fsync", "always")
+    try:
+        for request_id, usage in (("keep-1", '{"prompt_tokens":11,"completion_tokens":13}'),
+                                  ("keep-2", '{"prompt_tokens":100,"completion_tokens":1}')):
+            assert len(list(first.stub.Process(iter(answer([json_answer(usage)], request_id=request_id)), timeout=10))) == 3
+        samples = wait_for(first, outcome("counted"), 2)
+        counted = {key: value for key, value in samples.items() if key.startswith("llm_tokens_total{")}
+        assert counted == {tokens("alice", "input"): 111, tokens("alice", "output"): 14}
+    finally:
+        first.close()
+    assert first.service.process.returncode == 0
+    second = ExtProc("--state-dir", state, "--fsync", "always")
+    try:
+        samples = series(second)
+        assert {key: value for key, value in samples.items() if key.startswith("llm_tokens_total{")} == counted
+        again = answer([json_answer('{"prompt_tokens":11,"completion_tokens":13}')], request_id="keep-1")
+        assert len(list(second.stub.Process(iter(again), timeout=10))) == 3
+        samples = wait_for(second, outcome("duplicate"), 1)
+        assert samples[outcome("duplicate")] == 1
+        assert samples[outcome("counted")] == 0
+        assert {key: value for key, value in samples.items() if key.startswith("llm_tokens_total{")} == counted
+        assert_alive(second)
+    finally:
+        second.close()
+
+
+def test_a_stream_without_a_believable_identity_is_no_identity():
+    running = ExtProc("--max-label-bytes", "24")
+    try:
+        usage = json_answer('{"prompt_tokens":1,"completion_tokens":1}')
+        cases = [
+            ("absent", [(":method", "POST"), (":path", "/v1/chat/completions"), ("x-request-id", "anon")]),
+            ("empty", [(":path", "/v1/chat/completions"), ("x-usage-user", ""), ("x-usage-groups", "premium"), ("x-request-id", "empty")]),
+            ("over", [(":path", "/v1/chat/completions"), ("x-usage-user", "u" * 25), ("x-usage-groups", "premium"), ("x-request-id", "over")]),
+        ]
+        for number, (case, identity) in enumerate(cases):
+            assert len(list(running.stub.Process(iter(answer([usage], identity=identity)), timeout=10))) == 3, case
+            samples = wait_for(running, outcome("no_identity"), number + 1)
+            assert samples[outcome("no_identity")] == number + 1, case
+            assert_alive(running)
+        # At the bound exactly, it counts.
+        assert len(list(running.stub.Process(iter(answer([usage], user="u" * 24, request_id="fits")), timeout=10))) == 3
+        samples = wait_for(running, outcome("counted"), 1)
+        assert samples[outcome("counted")] == 1
+        assert {key for key in samples if key.startswith("llm_tokens_total{")} == {tokens("u" * 24, "input"), tokens("u" * 24, "output")}
+    finally:
+        running.close()
