@@ -301,7 +301,8 @@ def test_garbage_bytes_instead_of_a_processing_request_end_the_stream(processor)
     raw = processor.channel.stream_stream(PROCESS, request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as ended:
         list(raw(iter([b"\xff\xfe\x07garbage\x00\x01" * 8]), timeout=10))
-    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ended.value.details()
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ended.value.details() == "Can't deserialize to message of type Envoy_Service_ExtProc_V3_ProcessingRequest."
     samples = wait_for(processor, error("invalid_message"), 1)
     assert samples[error("invalid_message")] == 1
     assert samples["usage_tracking_ext_proc_streams_open"] == 0
@@ -332,7 +333,7 @@ def test_a_stream_that_never_ends_is_timed_out_and_no_longer_open():
         running.close()
 
 
-async def _open_streams(port, count, channels=1):
+async def _open_streams(port, count, channels=1, deadline=60):
     """Opens `count` streams (request headers only) spread over `channels` connections; returns
     (calls that were answered and are held open, the status codes of those refused, the channels)."""
     import asyncio
@@ -344,9 +345,9 @@ async def _open_streams(port, count, channels=1):
     headers = answer([b""])[0]
 
     async def one(index):
-        call = stubs[index % channels].Process(timeout=60)
-        await call.write(headers)
+        call = stubs[index % channels].Process(timeout=deadline)
         try:
+            await call.write(headers)
             await call.read()
             return call, None
         except aio.AioRpcError as refused:
@@ -382,6 +383,23 @@ def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
         assert samples[error("over_capacity")] == 10
         assert samples["usage_tracking_ext_proc_streams_open"] == 0
         assert_alive(running)
+    finally:
+        running.close()
+
+
+@pytest.mark.xfail(strict=True, reason="on one HTTP/2 connection the server advertises SETTINGS_MAX_CONCURRENT_STREAMS "
+                   "at the cap, so a stream over it is never refused with RESOURCE_EXHAUSTED nor counted in "
+                   "over_capacity: the client holds it back until a slot frees (or its deadline ends it)")
+def test_a_stream_over_the_cap_on_the_same_connection_is_refused_at_once():
+    import asyncio
+    running = ExtProc("--ext-proc-max-streams", "50")
+    try:
+        async def scenario():
+            held, refused, links = await asyncio.wait_for(_open_streams(running.port, 60, deadline=5), 10)
+            await _close(held, links)
+            return len(held), refused
+        assert asyncio.run(scenario()) == (50, [grpc.StatusCode.RESOURCE_EXHAUSTED] * 10)
+        assert wait_for(running, error("over_capacity"), 10)[error("over_capacity")] == 10
     finally:
         running.close()
 
