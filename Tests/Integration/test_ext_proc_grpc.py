@@ -328,6 +328,7 @@ def test_a_stream_that_never_ends_is_timed_out_and_no_longer_open():
         samples = wait_for(running, "usage_tracking_ext_proc_streams_open", 0)
         assert samples["usage_tracking_ext_proc_streams_open"] == 0
         assert samples[error("idle_timeout")] == 1
+        assert samples[outcome("aborted")] == 1
         assert_alive(running)
     finally:
         running.close()
@@ -382,6 +383,8 @@ def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
         samples = wait_for(running, "usage_tracking_ext_proc_streams_open", 0)
         assert samples[error("over_capacity")] == 10
         assert samples["usage_tracking_ext_proc_streams_open"] == 0
+        # The 50 held ones were ended by the client; the 10 refused ones never began an answer.
+        assert wait_for(running, outcome("aborted"), 50)[outcome("aborted")] == 50
         assert_alive(running)
     finally:
         running.close()
@@ -426,6 +429,20 @@ def test_memory_per_open_idle_stream(processor):
           f"({time.time() - started:.1f} s)")
     assert per_stream < 64
     assert wait_for(processor, "usage_tracking_ext_proc_streams_open", 0)["usage_tracking_ext_proc_streams_open"] == 0
+    assert_alive(processor)
+
+
+def test_request_headers_again_mid_answer_end_the_stream_counting_the_usage_so_far(processor):
+    messages = answer([json_answer('{"prompt_tokens":4,"completion_tokens":2}'), b"\n"])[:3]
+    messages.append(answer([b""])[0])
+    with pytest.raises(grpc.RpcError) as ended:
+        list(processor.stub.Process(iter(messages), timeout=10))
+    assert (ended.value.code(), ended.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "request_headers after another phase")
+    samples = wait_for(processor, outcome("aborted"), 1)
+    assert samples[error("out_of_order")] == 1
+    assert samples[outcome("aborted")] == 1
+    assert {key: value for key, value in samples.items() if key.startswith("llm_tokens_total{")} == {
+        tokens("alice", "input"): 4, tokens("alice", "output"): 2}
     assert_alive(processor)
 
 
