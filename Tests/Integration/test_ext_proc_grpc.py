@@ -46,10 +46,12 @@ class ExtProc:
         return int(match.group(1)) if match else None
 
     def reports(self, count, seconds=10):
-        """The first `count` stream reports logged (at debug level, values cut to 64 bytes), waiting for them."""
+        """The first `count` stream outcomes logged (`counted` at debug level, the others at info;
+        values cut to 64 bytes, no identity in them), waiting for them."""
         deadline = time.time() + seconds
         while time.time() < deadline:
-            found = [line for line in list(self.service.lines) if '"msg":"ext_proc stream ended"' in line]
+            found = [line for line in list(self.service.lines)
+                     if '"msg":"token stream counted"' in line or '"msg":"token stream outcome"' in line]
             if len(found) >= count:
                 return [json.loads(line) for line in found]
             time.sleep(0.05)
@@ -100,9 +102,9 @@ def test_each_phase_is_answered_with_an_empty_continue(listener):
     # Envoy reads an absent CommonResponse as CONTINUE with nothing changed.
     assert all(not getattr(reply, reply.WhichOneof("response")).HasField("response") for reply in replies)
     [report] = listener.reports(1)
-    assert {key: report[key] for key in ("user", "groups", "path", "request_id", "identity_problem", "end")} == {
-        "user": "alice", "groups": "premium", "path": "/v1/chat/completions", "request_id": "req-1", "identity_problem": "",
-        "end": "complete"}
+    assert {key: report[key] for key in ("outcome", "request_id", "end")} == {
+        "outcome": "counted", "request_id": "req-1", "end": "complete"}
+    assert listener.metric(tokens("alice", "output")) == 5
 
 
 def test_observability_mode_gets_no_reply(listener):
@@ -114,9 +116,12 @@ def test_observability_mode_gets_no_reply(listener):
         observed.append(copy)
     assert list(listener.stub.Process(iter(observed), timeout=10)) == []
     [report] = listener.reports(1)
-    assert (report["user"], report["end"]) == ("alice", "complete")
+    assert (report["outcome"], report["end"]) == ("counted", "complete")
 
 
+@pytest.mark.xfail(strict=True, reason="on one HTTP/2 connection the server advertises SETTINGS_MAX_CONCURRENT_STREAMS "
+                   "at the cap, so a stream over it is never refused with RESOURCE_EXHAUSTED nor counted in "
+                   "over_capacity: the client holds it back until a slot frees (or its deadline ends it)")
 def test_a_stream_over_the_cap_is_refused_with_resource_exhausted(listener):
     release = threading.Event()
     held = [listener.stub.Process(held_open(STREAMED[:1], release), timeout=10) for _ in range(2)]
@@ -145,7 +150,6 @@ def test_a_message_over_4_mib_ends_its_stream(listener):
     assert ended.value.code() == grpc.StatusCode.CANCELLED
     [report] = listener.reports(1)
     assert report["end"].startswith('protocolError("a gRPC message over 4194304 bytes or badly')
-    assert report["user"] == "alice"
     assert listener.metric('usage_tracking_ext_proc_errors_total{reason="invalid_message"}') == 1
     # A message just under the bound is taken.
     fits = Request(response_body=ext_proc.HttpBody(body=b"x" * ((4 << 20) - 16), end_of_stream=True))
@@ -159,14 +163,21 @@ def test_a_silent_stream_ends_after_the_idle_timeout():
         release = threading.Event()
         call = running.stub.Process(held_open(STREAMED[:1], release), timeout=10)
         assert next(call) == Response(request_headers=ext_proc.HeadersResponse())
+        assert running.metric("usage_tracking_ext_proc_streams_open") == 1
+        started = time.time()
         with pytest.raises(grpc.RpcError) as ended:
             next(call)
         release.set()
         assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert ended.value.details() == "no message for 1 s (--ext-proc-idle-timeout)"
+        assert 0.5 < time.time() - started < 5
         [report] = running.reports(1)
-        assert report["end"] == "idleTimeout"
-        assert running.metric('usage_tracking_ext_proc_errors_total{reason="idle_timeout"}') == 1
+        assert (report["outcome"], report["end"]) == ("aborted", "idleTimeout")
+        samples = wait_for(running, "usage_tracking_ext_proc_streams_open", 0)
+        assert samples["usage_tracking_ext_proc_streams_open"] == 0
+        assert samples[error("idle_timeout")] == 1
+        assert samples[outcome("aborted")] == 1
+        assert_alive(running)
     finally:
         running.close()
 
@@ -185,7 +196,7 @@ def test_sigterm_ends_open_streams_after_the_shutdown_timeout_and_exits_0():
             list(call)
         release.set()
         [report] = running.reports(1)
-        assert (report["user"], report["end"]) == ("alice", "aborted")
+        assert (report["outcome"], report["end"], report["request_id"]) == ("aborted", "aborted", "req-1")
     finally:
         running.close()
 
@@ -312,29 +323,7 @@ def test_garbage_bytes_instead_of_a_processing_request_end_the_stream(processor)
     assert wait_for(processor, outcome("counted"), 1)[outcome("counted")] == 1
 
 
-def test_a_stream_that_never_ends_is_timed_out_and_no_longer_open():
-    running = ExtProc("--ext-proc-idle-timeout", "1")
-    try:
-        release = threading.Event()
-        call = running.stub.Process(held_open(answer([b""])[:1], release), timeout=10)
-        next(call)
-        assert series(running)["usage_tracking_ext_proc_streams_open"] == 1
-        started = time.time()
-        with pytest.raises(grpc.RpcError) as ended:
-            next(call)
-        release.set()
-        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert 0.5 < time.time() - started < 5
-        samples = wait_for(running, "usage_tracking_ext_proc_streams_open", 0)
-        assert samples["usage_tracking_ext_proc_streams_open"] == 0
-        assert samples[error("idle_timeout")] == 1
-        assert samples[outcome("aborted")] == 1
-        assert_alive(running)
-    finally:
-        running.close()
-
-
-async def _open_streams(port, count, channels=1, deadline=60):
+async def _open_streams(port, count, channels=1):
     """Opens `count` streams (request headers only) spread over `channels` connections; returns
     (calls that were answered and are held open, the status codes of those refused, the channels)."""
     import asyncio
@@ -346,7 +335,7 @@ async def _open_streams(port, count, channels=1, deadline=60):
     headers = answer([b""])[0]
 
     async def one(index):
-        call = stubs[index % channels].Process(timeout=deadline)
+        call = stubs[index % channels].Process(timeout=60)
         try:
             await call.write(headers)
             await call.read()
@@ -386,23 +375,6 @@ def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
         # The 50 held ones were ended by the client; the 10 refused ones never began an answer.
         assert wait_for(running, outcome("aborted"), 50)[outcome("aborted")] == 50
         assert_alive(running)
-    finally:
-        running.close()
-
-
-@pytest.mark.xfail(strict=True, reason="on one HTTP/2 connection the server advertises SETTINGS_MAX_CONCURRENT_STREAMS "
-                   "at the cap, so a stream over it is never refused with RESOURCE_EXHAUSTED nor counted in "
-                   "over_capacity: the client holds it back until a slot frees (or its deadline ends it)")
-def test_a_stream_over_the_cap_on_the_same_connection_is_refused_at_once():
-    import asyncio
-    running = ExtProc("--ext-proc-max-streams", "50")
-    try:
-        async def scenario():
-            held, refused, links = await asyncio.wait_for(_open_streams(running.port, 60, deadline=5), 10)
-            await _close(held, links)
-            return len(held), refused
-        assert asyncio.run(scenario()) == (50, [grpc.StatusCode.RESOURCE_EXHAUSTED] * 10)
-        assert wait_for(running, error("over_capacity"), 10)[error("over_capacity")] == 10
     finally:
         running.close()
 
