@@ -2,6 +2,8 @@
 classes (PyPI xds-protos): proof that the protocol subset the service compiles is wire-compatible
 with Envoy's, and that its bounds hold on a real HTTP/2 connection. Streams are few, on loopback,
 and each has a deadline."""
+import asyncio
+import gzip
 import json
 import re
 import signal
@@ -11,6 +13,7 @@ import time
 
 import grpc
 import pytest
+from grpc import aio
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
@@ -41,9 +44,7 @@ class ExtProc:
         pytest.fail("no ext_proc listening line:\n" + "".join(self.service.lines))
 
     def metric(self, name):
-        _, _, body = request(self.service.port, "GET", "/metrics")
-        match = re.search(rf"^{re.escape(name)} (\d+)$", body.decode(), re.MULTILINE)
-        return int(match.group(1)) if match else None
+        return series(self).get(name)
 
     def reports(self, count, seconds=10):
         """The first `count` stream outcomes logged (`counted` at debug level, the others at info;
@@ -326,8 +327,6 @@ def test_garbage_bytes_instead_of_a_processing_request_end_the_stream(processor)
 async def _open_streams(port, count, channels=1):
     """Opens `count` streams (request headers only) spread over `channels` connections; returns
     (calls that were answered and are held open, the status codes of those refused, the channels)."""
-    import asyncio
-    from grpc import aio
     # A local subchannel pool each, or grpcio would share one connection among the channels.
     links = [aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(channels)]
@@ -355,7 +354,6 @@ async def _close(calls, links):
 
 
 def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
-    import asyncio
     running = ExtProc("--ext-proc-max-streams", "50")
     try:
         async def scenario():
@@ -380,7 +378,6 @@ def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
 
 
 def test_memory_per_open_idle_stream(processor):
-    import asyncio
     count = 2000
     # One stream first, so the connection's and the first stream's one-off costs are not counted.
     assert len(list(processor.stub.Process(iter(answer(in_chunks(json_answer('{"prompt_tokens":1,"completion_tokens":2}')))), timeout=10))) == 3
@@ -449,7 +446,6 @@ def test_unbelievable_usage_is_unreadable_and_a_good_answer_after_it_counts(proc
 
 
 def test_a_gzip_bomb_is_unreadable_within_bounded_memory(processor):
-    import gzip
     gzip_head = ANSWER_HEAD + [("content-encoding", "gzip")]
     # A real gzipped answer counts, so the bomb's outcome is the bomb's and not gzip's.
     honest = answer(in_chunks(gzip.compress(json_answer('{"prompt_tokens":2,"completion_tokens":3}')), 7),
@@ -488,7 +484,8 @@ def test_an_event_stream_line_of_10_mb_then_usage_counts_within_bounded_memory(p
     assert samples[outcome("counted")] == 2
     assert {key: value for key, value in samples.items() if key.startswith("llm_tokens_total{")} == {
         tokens("alice", kind): 2 * value for kind, value in SSE_TOKENS.items()}
-    assert grown < 5 * 1024
+    # Under the line's own 10 MiB, with room for the allocator's noise (1 to 4 MiB seen).
+    assert grown < 8 * 1024
     assert_alive(processor)
 
 
