@@ -415,26 +415,29 @@ def test_request_headers_again_mid_answer_end_the_stream_counting_the_usage_so_f
     assert_alive(processor)
 
 
-BAD_USAGE = {
-    "negative": '{"prompt_tokens":-3,"completion_tokens":5}',
-    "above_2_53": '{"prompt_tokens":9007199254740993,"completion_tokens":5}',
-    "huge": '{"prompt_tokens":100000000000000000000000000000,"completion_tokens":5}',
-    "fraction": '{"prompt_tokens":3.5,"completion_tokens":5}',
-    "exponent": '{"prompt_tokens":3e2,"completion_tokens":5}',
-    "string": '{"prompt_tokens":"3","completion_tokens":5}',
-    "null": '{"prompt_tokens":null,"completion_tokens":5}',
-    "repeated": '{"prompt_tokens":3,"prompt_tokens":4,"completion_tokens":5}',
-    "part_over_whole": '{"prompt_tokens":3,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}',
+BAD_USAGE = {  # case: (usage, the reason logged)
+    "negative": ('{"prompt_tokens":-3,"completion_tokens":5}', "usage.prompt_tokens is negative"),
+    "above_2_53": ('{"prompt_tokens":9007199254740993,"completion_tokens":5}', "usage.prompt_tokens exceeds 9007199254740991"),
+    "huge": ('{"prompt_tokens":100000000000000000000000000000,"completion_tokens":5}', "usage.prompt_tokens exceeds 9007199254740991"),
+    "fraction": ('{"prompt_tokens":3.5,"completion_tokens":5}', "usage.prompt_tokens is not a whole number"),
+    "exponent": ('{"prompt_tokens":3e2,"completion_tokens":5}', "usage.prompt_tokens is not a whole number"),
+    "string": ('{"prompt_tokens":"3","completion_tokens":5}', "usage.prompt_tokens is a string, not a count"),
+    "null": ('{"prompt_tokens":null,"completion_tokens":5}', "usage.prompt_tokens is null, not a count"),
+    "repeated": ('{"prompt_tokens":3,"prompt_tokens":4,"completion_tokens":5}', "usage.prompt_tokens appears twice"),
+    "part_over_whole": ('{"prompt_tokens":3,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}',
+                        "cached and cache-write tokens exceed usage.prompt_tokens"),
 }
 
 
 def test_unbelievable_usage_is_unreadable_and_a_good_answer_after_it_counts(processor):
-    for number, (case, usage) in enumerate(BAD_USAGE.items()):
+    for number, (case, (usage, reason)) in enumerate(BAD_USAGE.items()):
         replies = list(processor.stub.Process(iter(answer([json_answer(usage)], user=case, request_id=f"bad-{case}")), timeout=10))
         assert len(replies) == 3, case
         samples = wait_for(processor, outcome("unreadable"), number + 1)
         assert samples[outcome("unreadable")] == number + 1, case
         assert not [key for key in samples if key.startswith("llm_tokens_total{") and f'user="{case}"' in key], case
+        report = processor.reports(number + 1)[number]
+        assert (report["request_id"], report["reason"]) == (f"bad-{case}", reason)
         assert_alive(processor)
     good = answer(in_chunks(json_answer('{"prompt_tokens":7,"completion_tokens":9}'), 5), user="bob", request_id="good")
     assert len(list(processor.stub.Process(iter(good), timeout=10))) == len(good)
@@ -460,6 +463,7 @@ def test_a_gzip_bomb_is_unreadable_within_bounded_memory(processor):
     grown = rss_kib(processor) - before
     print(f"\ngzip bomb: {len(bomb)} bytes inflating to {50 * MIB} bytes; RSS grew {grown} KiB")
     assert samples[outcome("unreadable")] == 1
+    assert processor.reports(2)[1]["reason"] == "gzip body inflates to more than 200 times its compressed size"
     assert samples[outcome("counted")] == 1
     assert samples[tokens("alice", "input")] == 2
     assert grown < 50 * 1024
