@@ -30,18 +30,9 @@ class ExtProc:
 
     def __init__(self, *arguments):
         self.service = Service("--ext-proc-port", "0", "--log-level", "debug", *arguments)
-        self.port = self._port()
+        self.port = self.service.ext_proc_port
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = ext_proc_grpc.ExternalProcessorStub(self.channel)
-
-    def _port(self):
-        """From the line logged before the HTTP one, parsed the same way."""
-        for line in self.service.lines:
-            match = re.search(r'"msg":"listening ext_proc","address":"[^"]*:(\d+)"', line)
-            if match:
-                return int(match.group(1))
-        self.service.stop()
-        pytest.fail("no ext_proc listening line:\n" + "".join(self.service.lines))
 
     def metric(self, name):
         return series(self).get(name)
