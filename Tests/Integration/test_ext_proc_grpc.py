@@ -111,9 +111,6 @@ def test_observability_mode_gets_no_reply(listener):
     assert (report["outcome"], report["end"]) == ("counted", "complete")
 
 
-@pytest.mark.xfail(strict=True, reason="on one HTTP/2 connection the server advertises SETTINGS_MAX_CONCURRENT_STREAMS "
-                   "at the cap, so a stream over it is never refused with RESOURCE_EXHAUSTED nor counted in "
-                   "over_capacity: the client holds it back until a slot frees (or its deadline ends it)")
 def test_a_stream_over_the_cap_is_refused_with_resource_exhausted(listener):
     release = threading.Event()
     held = [listener.stub.Process(held_open(STREAMED[:1], release), timeout=10) for _ in range(2)]
