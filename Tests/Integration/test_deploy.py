@@ -318,8 +318,26 @@ def test_envoy_gateway_runs_ext_proc_after_kuadrant_on_the_authpolicys_route():
 
 
 def envoy_filter_patches(build):
+    """The EnvoyFilter's HTTP filter patches by filter name."""
     patches = one(ext_proc_builds()[build], "EnvoyFilter")["spec"]["configPatches"]
-    return {p["patch"]["value"]["name"]: p for p in patches}
+    return {p["patch"]["value"]["name"]: p for p in patches if p["applyTo"] == "HTTP_FILTER"}
+
+
+def test_istio_and_envoy_gateway_open_a_new_connection_every_100_streams():
+    """Envoy resets every finished ext_proc stream, and the service's HTTP/2 stack closes a
+    connection after 200 resets in 30 s (Tests/Integration/test_ext_proc_envoy.py runs a real Envoy
+    with the same setting): both examples cap the streams per connection below that."""
+    patches = one(ext_proc_builds()["istio"], "EnvoyFilter")["spec"]["configPatches"]
+    (cluster,) = [p for p in patches if p["applyTo"] == "CLUSTER"]
+    service, port = ext_proc_service_port()
+    name = f"outbound|{port['port']}||{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert cluster["match"] == {"context": "GATEWAY", "cluster": {"name": name}}
+    assert cluster["patch"]["operation"] == "MERGE"
+    options = cluster["patch"]["value"]["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["common_http_protocol_options"] == {"max_requests_per_connection": 100}
+    assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+    policy = one(ext_proc_builds()["envoy-gateway"], "EnvoyExtensionPolicy")
+    assert policy["spec"]["extProc"][0]["backendSettings"] == {"circuitBreaker": {"maxRequestsPerConnection": 100}}
 
 
 def test_istio_runs_ext_proc_after_kuadrant_and_strips_client_identity_before_it():
