@@ -239,6 +239,16 @@ def ext_proc_service_port(objects=None):
     return service, port
 
 
+def test_the_configmaps_stream_cap_fits_the_memory_limit():
+    """At the 64 KiB per open stream that test_ext_proc_grpc.py bounds (about 47 KiB measured),
+    the ConfigMap's cap on open ext_proc streams takes at most half the container's memory limit."""
+    objects = kustomize_objects()
+    config = one(objects, "ConfigMap")["data"]
+    limit = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    assert int(config["USAGE_TRACKING_EXT_PROC_MAX_STREAMS"]) * 64 * 1024 <= int(limit[:-2]) * 1024 * 1024 // 2
+
+
 def test_ext_proc_port_runs_from_the_configmap_to_the_service():
     objects = kustomize_objects()
     config = one(objects, "ConfigMap")["data"]
