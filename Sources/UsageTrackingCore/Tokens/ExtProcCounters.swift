@@ -11,7 +11,8 @@ public final class ExtProcCounters: Sendable {
         /// Not a ProcessingRequest (undecodable, over the size bound, or with no phase set).
         case invalidMessage = "invalid_message"
         /// A phase where it cannot come: request headers twice or after the response began, a
-        /// second response head, anything after the response's end of stream.
+        /// second response head, a response head after the body. (Nothing after the response's
+        /// end is read: the RPC ends there.)
         case outOfOrder = "out_of_order"
 
         var index: Int { Self.allCases.firstIndex(of: self)! }
