@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import UsageTrackingCore
 
@@ -51,6 +52,12 @@ public struct ServerConfiguration: Sendable {
     public init() {}
     /// Where the usage ledger lives (`--state-dir`); nil keeps counts in memory only.
     public var stateDirectory: String? = nil
+    /// The shared ledger (`--ledger-url`), exclusive with `stateDirectory`, and its password
+    /// (read from `--ledger-password-file`; never logged or shown).
+    public var ledgerURL: PostgresAddress? = nil
+    public var ledgerPassword: String? = nil
+    /// This replica's name in the shared ledger (`--instance`): unique among the replicas.
+    public var instance = ServerConfiguration.hostName()
     /// When a counted callback is acknowledged: after its commit (`always`) or at once, with
     /// commits every `fsyncInterval` (`interval`).
     public var fsync: FsyncMode = .always
@@ -65,6 +72,16 @@ public struct ServerConfiguration: Sendable {
     public var dedupeMaxIDs = 1_000_000
     /// The Envoy ext_proc gRPC listener (plaintext HTTP/2 on `host`); nil: off. See `ExtProcListener`.
     public var extProc: ExtProcSettings? = nil
+}
+
+extension ServerConfiguration {
+    /// The host name (a pod's name in Kubernetes), or `usage-tracking` when there is none.
+    public static func hostName() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buffer, buffer.count - 1) == 0 else { return "usage-tracking" }
+        let name = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return name.isEmpty ? "usage-tracking" : name
+    }
 }
 
 public enum FsyncMode: String, Sendable, CaseIterable {

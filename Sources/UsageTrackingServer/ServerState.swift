@@ -34,12 +34,15 @@ final class ServerState: Sendable {
     let ledgerWriter: LedgerWriter?
     /// The token families' decoder; nil without `--ext-proc-port`.
     let tokenDecoder: TokenDecoder?
+    /// `GET /usage`'s reader of the shared ledger and its cache; nil without `--ledger-url`.
+    let usage: UsageAnswers?
 
     init(
         configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets,
-        ledgerWriter: LedgerWriter? = nil, runOffLoop: @escaping OffLoopRunner
+        ledgerWriter: LedgerWriter? = nil, usageReader: PostgresUsageReader? = nil, runOffLoop: @escaping OffLoopRunner
     ) {
         self.runOffLoop = runOffLoop
+        self.usage = usageReader.map { UsageAnswers(reader: $0) }
         self.ledgerWriter = ledgerWriter
         self.configuration = configuration
         self.logger = logger
@@ -65,6 +68,6 @@ extension ServerState {
 
     /// Serving, and able to count: not starting or stopping, and the ledger (if any) committing.
     var isReady: Bool {
-        self.ready.load(ordering: .relaxed) && !(self.metrics.ledger?.isFailing ?? false)
+        self.ready.load(ordering: .relaxed) && !(self.metrics.ledger?.isFailing ?? false) && (self.metrics.ledger?.isOpen ?? true)
     }
 }

@@ -50,17 +50,25 @@ public final class UsageTrackingServer: Sendable {
         let metrics = UsageMetrics(
             schema: configuration.schema, newSeriesHoldNanoseconds: UInt64(max(0, configuration.newSeriesHold.nanoseconds)),
             droppedLogLines: { LogLineWriter.standardOutput.dropped },
-            requestIDs: requestIDs, ledger: configuration.stateDirectory.map { _ in LedgerHealth() },
+            requestIDs: requestIDs,
+            ledger: configuration.stateDirectory != nil || configuration.ledgerURL != nil ? LedgerHealth(open: configuration.ledgerURL == nil) : nil,
             extProc: configuration.extProc.map { _ in ExtProcCounters() }
         )
-        // Counts come back from the ledger before the listener opens, so no scrape sees a reset.
-        let writer = try configuration.stateDirectory.map { directory in
-            try LedgerWriter.open(directory, configuration: configuration, metrics: metrics, logger: logger)
+        // Counts come back from the ledger before the listener opens, so no scrape sees a reset
+        // (a database not reachable yet: /metrics is not served until they are back).
+        var writer: LedgerWriter?
+        var usageReader: PostgresUsageReader?
+        if let directory = configuration.stateDirectory {
+            writer = try LedgerWriter.open(directory, configuration: configuration, metrics: metrics, logger: logger)
+        } else if let address = configuration.ledgerURL {
+            let password = configuration.ledgerPassword ?? ""
+            writer = try LedgerWriter.open(address, password: password, configuration: configuration, metrics: metrics, logger: logger)
+            usageReader = PostgresUsageReader(address: address, password: password, logger: logger)
         }
         let renderPool = NIOThreadPool(numberOfThreads: 1)
         renderPool.start()
         let state = ServerState(
-            configuration: configuration, logger: logger, metrics: metrics, secrets: secrets, ledgerWriter: writer,
+            configuration: configuration, logger: logger, metrics: metrics, secrets: secrets, ledgerWriter: writer, usageReader: usageReader,
             runOffLoop: { eventLoop, work in renderPool.runIfActive(eventLoop: eventLoop, work) }
         )
         state.logAuthentication()
@@ -68,6 +76,7 @@ public final class UsageTrackingServer: Sendable {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
         func abandon() async {
             await writer?.stop()
+            await usageReader?.shutdown()
             try? await group.shutdownGracefully()
             try? await renderPool.shutdownGracefully()
         }
@@ -174,6 +183,7 @@ public final class UsageTrackingServer: Sendable {
         await self.extProc?.stop()
         // After the last callback, before the event loops that its futures complete on stop.
         await self.state.ledgerWriter?.stop()
+        await self.state.usage?.reader.shutdown()
         try? await self.group.shutdownGracefully()
         try? await self.renderPool.shutdownGracefully()
         self.state.logger.info("stopped")

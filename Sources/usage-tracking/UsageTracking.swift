@@ -83,6 +83,15 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(help: "Directory for the usage ledger (SQLite): counts survive restarts and crashes. Unset: memory only, and a restart loses everything not yet scraped. (env: USAGE_TRACKING_STATE_DIR; default: none)")
     var stateDir: String?
 
+    @Option(help: "The ledger all replicas share, in PostgreSQL: postgres://USER@HOST:PORT/DATABASE[?sslmode=disable|prefer|require|verify-full], no password in it; exclusive with --state-dir. Serves GET /usage. (env: USAGE_TRACKING_LEDGER_URL; default: none)")
+    var ledgerUrl: String?
+
+    @Option(help: "File holding the --ledger-url user's password (a trailing newline is ignored). (env: USAGE_TRACKING_LEDGER_PASSWORD_FILE; default: none)")
+    var ledgerPasswordFile: String?
+
+    @Option(help: "This replica's name in the shared ledger, unique among the replicas (the pod name). (env: USAGE_TRACKING_INSTANCE; default: the host name)")
+    var instance: String?
+
     @Option(help: "always: a callback is acknowledged once its count is on disk; interval: at once, with a commit every --fsync-interval (a crash loses up to that). (env: USAGE_TRACKING_FSYNC; default: always)")
     var fsync: String?
 
@@ -209,6 +218,37 @@ struct UsageTracking: AsyncParsableCommand {
             }
         }
         config.stateDirectory = self.stateDir ?? env.string("USAGE_TRACKING_STATE_DIR")
+        if let url = self.ledgerUrl ?? env.string("USAGE_TRACKING_LEDGER_URL") {
+            let flag = "--ledger-url (USAGE_TRACKING_LEDGER_URL)"
+            guard config.stateDirectory == nil else {
+                throw ValidationError("\(flag) and --state-dir (USAGE_TRACKING_STATE_DIR) are exclusive: one ledger, shared in PostgreSQL or in a directory of this replica's own")
+            }
+            do {
+                config.ledgerURL = try PostgresAddress(url: url)
+            } catch {
+                // The text is not echoed: it may hold a password after all.
+                throw ValidationError("\(flag): the URL \(error)")
+            }
+        }
+        if let path = self.ledgerPasswordFile ?? env.string("USAGE_TRACKING_LEDGER_PASSWORD_FILE") {
+            let flag = "--ledger-password-file (USAGE_TRACKING_LEDGER_PASSWORD_FILE)"
+            guard config.ledgerURL != nil else { throw ValidationError("\(flag) needs --ledger-url (USAGE_TRACKING_LEDGER_URL)") }
+            switch readFileBytes(path, limit: 4096) {
+            case .failure(let error): throw ValidationError("\(flag): cannot read \(path): \(error)")
+            case .success(let bytes):
+                var password = bytes
+                while let last = password.last, last == UInt8(ascii: "\n") || last == UInt8(ascii: "\r") { password.removeLast() }
+                guard !password.isEmpty else { throw ValidationError("\(flag): \(path) is empty") }
+                guard let text = String(validating: password, as: UTF8.self) else { throw ValidationError("\(flag): \(path) is not UTF-8") }
+                config.ledgerPassword = text
+            }
+        }
+        if let instance = self.instance ?? env.string("USAGE_TRACKING_INSTANCE") {
+            guard instance.utf8.count <= 253, instance.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+                throw ValidationError("--instance (USAGE_TRACKING_INSTANCE) must be at most 253 printable ASCII characters without spaces")
+            }
+            config.instance = instance
+        }
         if let mode = self.fsync ?? env.string("USAGE_TRACKING_FSYNC") {
             guard let parsed = FsyncMode(rawValue: mode) else {
                 throw ValidationError("--fsync (USAGE_TRACKING_FSYNC) must be always or interval, got '\(mode)'")

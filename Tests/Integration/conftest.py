@@ -139,13 +139,15 @@ class Service:
 
 
 class Prometheus:
-    """A real Prometheus scraping one target every second, evaluating `rule_groups` every second."""
+    """A real Prometheus scraping a target (or a list of them) every second, evaluating
+    `rule_groups` every second."""
 
     def __init__(self, target_port, rule_groups=None):
+        ports = target_port if isinstance(target_port, list) else [target_port]
         self.directory = tempfile.mkdtemp(prefix="prometheus-")
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "usage-tracking", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
+            "scrape_configs": [{"job_name": "usage-tracking", "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in ports]}]}],
         }
         if rule_groups:
             with open(os.path.join(self.directory, "rules.yaml"), "w") as f:
@@ -222,3 +224,15 @@ def one(objects, kind):
 
 def prometheus_rule_groups():
     return one(kustomize_objects(), "PrometheusRule")["spec"]["groups"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL on loopback for the whole session (postgres_server.py); a missing
+    package fails the test rather than skipping it."""
+    from postgres_server import PostgresServer  # here: postgres_server itself imports this module
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()

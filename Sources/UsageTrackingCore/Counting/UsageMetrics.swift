@@ -25,7 +25,7 @@ public final class UsageMetrics: Sendable {
     }
 
     public static let durationName = "usage_tracking_http_request_duration_seconds"
-    public static let routes = ["track", "metrics", "healthz", "readyz", "debug", "status", "other"]
+    public static let routes = ["track", "metrics", "healthz", "readyz", "debug", "status", "usage", "other"]
     /// One histogram per route, indexed like `routes`.
     private let durations: [DurationHistogram] = UsageMetrics.routes.map { _ in DurationHistogram() }
 
@@ -100,9 +100,11 @@ public final class UsageMetrics: Sendable {
         self.outcomes[outcome.index].value.wrappingAdd(count, ordering: .relaxed)
     }
 
-    /// An outcome's count read back from the ledger at startup.
+    /// An outcome's count read back from the ledger. Added, not set: a ledger reached only after
+    /// the listener opened restores on top of the refusals counted meanwhile (which its next
+    /// commit writes).
     public func restore(_ outcome: CallbackOutcome, count: UInt64) {
-        self.outcomes[outcome.index].value.store(count, ordering: .relaxed)
+        self.outcomes[outcome.index].value.wrappingAdd(count, ordering: .relaxed)
     }
 
     public static let callbacksName = "usage_tracking_callbacks_total"

@@ -1,5 +1,6 @@
 /// A ledger: where every committed count is kept so that it survives a restart. The SQLite
-/// engine (`UsageLedger`) is one; a database server can be another. The server's writer thread
+/// engine (`UsageLedger`) keeps one replica's counts in a file; the PostgreSQL engine
+/// (`PostgresLedger`) keeps every replica's in one database. The server's writer thread
 /// drives it through this and nothing else.
 ///
 /// Contract, whatever the engine:
@@ -14,6 +15,10 @@
 ///   from zero, and left as it was.
 /// - Durability: a `commit` that returns has the whole batch durable: it survives a crash of
 ///   the process or of the machine. A batch is one transaction: all of it, or none.
+/// - Request ids: the batch's claims (`LedgerBatch.claim`) are settled inside the commit's
+///   transaction: a claim whose id the ledger already holds within the dedupe window is refused
+///   (returned, and not counted); the others are added with their ids. A ledger only one
+///   process writes refuses none (the process's own window has decided already).
 /// - Refusal: a `commit` that throws leaves the ledger as it was before the call, stored rows
 ///   and the engine's own bookkeeping alike, so the caller may retry the same batch (merged
 ///   with newer counts) and nothing is counted twice.
@@ -25,11 +30,15 @@ public protocol LedgerEngine: AnyObject {
     /// `requestIDs`, before any callback arrives. `now` is wall-clock seconds.
     func restore(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64) throws(LedgerError) -> RestoredCounts
 
-    /// Writes `batch` in one transaction and returns once it is durable; on error nothing of it
-    /// is written and the caller keeps it. `now` is wall-clock seconds.
-    func commit(_ batch: LedgerBatch, now: Int64) throws(LedgerError)
+    /// Writes `batch` in one transaction and returns once it is durable, with the digests of
+    /// the claims it refused as duplicates; on error nothing of it is written and the caller
+    /// keeps it. `now` is wall-clock seconds.
+    func commit(_ batch: LedgerBatch, now: Int64) throws(LedgerError) -> Set<UInt64>
 
     func close()
+
+    /// Where the ledger is, for logs: ("file", its path) or ("ledger", a URL without password).
+    var location: (key: String, value: String) { get }
 }
 
 /// What `restore` found.

@@ -32,6 +32,7 @@ public final class UsageLedger: LedgerEngine {
     public static let schemaVersion = 1
 
     public let path: String
+    public var location: (key: String, value: String) { ("file", self.path) }
     private let queue: DatabaseQueue
     private let lock: DirectoryLock
     private let families: [CounterFamily]
@@ -160,8 +161,12 @@ public final class UsageLedger: LedgerEngine {
     }
 
     /// Writes `batch` in one transaction and returns once it is on disk; on error nothing of it
-    /// is written and the caller keeps it. `now` is wall-clock seconds.
-    public func commit(_ batch: LedgerBatch, now: Int64) throws(LedgerError) {
+    /// is written and the caller keeps it. `now` is wall-clock seconds. Refuses no claim: this
+    /// process alone writes here, and its request-id window has decided.
+    @discardableResult
+    public func commit(_ batch: LedgerBatch, now: Int64) throws(LedgerError) -> Set<UInt64> {
+        var batch = batch
+        batch.settle(refused: [], at: now)
         var inserted: [Int64] = []
         // Old hours and expired request ids are deleted at most once a minute.
         let prune = now - self.lastPrune >= 60
@@ -230,6 +235,7 @@ public final class UsageLedger: LedgerEngine {
         }
         if prune { self.lastPrune = now }
         for id in inserted { self.stored.insert(id) }
+        return []
     }
 
     /// Checkpoints and truncates the WAL, so the directory holds one file at rest, and releases
@@ -378,6 +384,8 @@ public enum LedgerError: Error, CustomStringConvertible, Equatable {
     case locked(String, String)
     case damaged(String, String)
     case failed(String, String)
+    /// A database server that cannot be reached (or stopped answering): worth retrying.
+    case unreachable(String, String)
 
     public var description: String {
         switch self {
@@ -386,6 +394,7 @@ public enum LedgerError: Error, CustomStringConvertible, Equatable {
         case .damaged(let path, let reason):
             "\(path): \(reason); refusing to start from zero. The files are left as they were: restore a backup, or move them aside to start a new ledger"
         case .failed(let path, let reason): "\(path): \(reason)"
+        case .unreachable(let place, let reason): "\(place): not reachable: \(reason)"
         }
     }
 }

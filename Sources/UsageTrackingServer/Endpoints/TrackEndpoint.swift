@@ -32,7 +32,7 @@ enum TrackEndpoint {
         CallbackRejection(.tooLarge, ["body exceeds the limit of \(state.configuration.maxBodyBytes) bytes"])
     }
 
-    private static func credentialProblem(_ headers: HTTPHeaders, state: ServerState) -> String? {
+    static func credentialProblem(_ headers: HTTPHeaders, state: ServerState) -> String? {
         let name = state.configuration.callbackSecretHeader
         guard let value = headers.first(name: name) else { return "missing credentials in \(name)" }
         var secret = Substring(value)
@@ -77,6 +77,9 @@ enum TrackEndpoint {
         case .success(let decoded): callback = decoded
         case .failure(let rejection): return .rejected(rejection)
         }
+        if let writer = state.ledgerWriter, !writer.isOpen {
+            return .rejected(CallbackRejection(.unavailable, ["the usage ledger is not reachable yet (see the service's log); this callback was not counted"]))
+        }
         let digest = Self.requestIDDigest(head, state: state)
         if let writer = state.ledgerWriter, writer.mode == .always {
             return .committing(writer.commit(callback, digest: digest, on: eventLoop), callback)
@@ -115,7 +118,7 @@ enum TrackEndpoint {
             Self.noteDuplicate(head, sender: sender, state: state)
             return nil
         case .unavailable:
-            return CallbackRejection(.unavailable, ["the usage ledger cannot write to disk (see the service's log); this callback was not counted"])
+            return CallbackRejection(.unavailable, ["the usage ledger cannot commit (see the service's log); this callback was not counted"])
         }
     }
 

@@ -213,15 +213,21 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
                 context.flush()
             }
         case .rendering(let render):
-            self.queue.startProducing(commit: false)
-            self.state.runOffLoop(context.eventLoop, render)
-                .assumeIsolated().whenComplete { result in
-                    self.queue.finishProducing()
-                    let reply = (try? result.get()) ?? .error(.serviceUnavailable, "shutting down", ["the server is stopping"])
-                    self.complete(context: context, request, reply: reply)
-                    self.answerWaiting(context: context)
-                    context.flush()
-                }
+            self.wait(context: context, request, for: self.state.runOffLoop(context.eventLoop, render))
+        case .waiting(let reply):
+            self.wait(context: context, request, for: reply)
+        }
+    }
+
+    /// Like a render or a commit: later requests wait, in order, for `reply`.
+    private func wait(context: ChannelHandlerContext, _ request: ReceivedRequest, for reply: EventLoopFuture<HTTPResponse>) {
+        self.queue.startProducing(commit: false)
+        reply.hop(to: context.eventLoop).assumeIsolated().whenComplete { result in
+            self.queue.finishProducing()
+            let reply = (try? result.get()) ?? .error(.serviceUnavailable, "shutting down", ["the server is stopping"])
+            self.complete(context: context, request, reply: reply)
+            self.answerWaiting(context: context)
+            context.flush()
         }
     }
 

@@ -1,6 +1,6 @@
 /// The endpoints the server knows; the raw values index `UsageMetrics.routes`.
 enum Route: Int {
-    case track, metrics, healthz, readyz, debug, status, other
+    case track, metrics, healthz, readyz, debug, status, usage, other
 
     init(uri: String) {
         switch Self.path(of: uri) {
@@ -10,6 +10,7 @@ enum Route: Int {
         case "/readyz": self = .readyz
         case "/debug": self = .debug
         case "/": self = .status
+        case "/usage": self = .usage
         default: self = .other
         }
     }

@@ -15,6 +15,8 @@ enum Router {
         case committing(EventLoopFuture<LedgerWriter.Verdict>, Callback)
         /// Too slow for the event loop (it reads the whole store): rendered off it.
         case rendering(@Sendable () -> HTTPResponse)
+        /// Read from elsewhere (the shared ledger): the reply comes when the future does.
+        case waiting(EventLoopFuture<HTTPResponse>)
     }
 
     /// Whether the route reads a request body; the others' bodies are dropped as they arrive.
@@ -46,6 +48,11 @@ enum Router {
             case .rejected(let rejection): return .reply(TrackEndpoint.reply(to: rejection, head, sender: sender, state: state))
             case .committing(let commit, let callback): return .committing(commit, callback)
             }
+        case .usage:
+            return UsageEndpoint.answer(head, state: state, on: eventLoop)
+        case .metrics where head.isRead && !(state.ledgerWriter.map { $0.isOpen } ?? true):
+            // The counts are not back from the ledger yet: a scrape now would look like a reset.
+            return .reply(.error(.serviceUnavailable, "unavailable", ["the usage ledger is not reachable yet; the counts are served once it is"]))
         // A `where` binds to one pattern only, hence one per route.
         case .metrics where head.isRead, .debug where head.isRead, .status where head.isRead:
             // All three read the whole store (the status page ranks it), so none runs on the loop.
@@ -84,7 +91,7 @@ enum Router {
         switch request.route {
         case .healthz: return HealthEndpoints.liveness()
         case .readyz: return HealthEndpoints.readiness(state: state)
-        case .track, .other, .metrics, .debug, .status: preconditionFailure("answered elsewhere")
+        case .track, .other, .metrics, .debug, .status, .usage: preconditionFailure("answered elsewhere")
         }
     }
 }

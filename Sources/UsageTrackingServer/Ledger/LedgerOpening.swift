@@ -18,19 +18,7 @@ extension LedgerWriter {
         } catch {
             throw StateDirectoryError(underlying: error)
         }
-        logger.info(
-            "ledger restored",
-            metadata: [
-                "file": "\(ledger.path)", "series": "\(restored.series)", "request_ids": "\(restored.requestIDs)",
-                "seconds": "\(Double(monotonicNanoseconds() - started) / 1e9)", "fsync": "\(configuration.fsync.rawValue)",
-            ]
-        )
-        if restored.unexposedSeries > 0 {
-            logger.notice(
-                "the ledger holds series of metrics the config no longer has: kept in the ledger, not exposed",
-                metadata: ["series": "\(restored.unexposedSeries)", "metrics": .array(restored.unexposedMetrics.map { .string($0) })]
-            )
-        }
+        Self.logRestored(restored, ledger: ledger, started: started, mode: configuration.fsync, logger: logger)
         let writer = LedgerWriter(
             ledger: ledger, mode: configuration.fsync, interval: configuration.fsyncInterval, metrics: metrics,
             health: metrics.ledger!, logger: logger
@@ -38,6 +26,49 @@ extension LedgerWriter {
         writer.start()
         return writer
     }
+}
+
+extension LedgerWriter {
+    /// Connects to the shared ledger and restores this replica's counts. A server that cannot
+    /// be reached is not a reason to stop: the writer goes on trying (see `run`), and until
+    /// it succeeds callbacks are refused and `/readyz` says 503. A refused password, a missing
+    /// database or a newer schema are: they stop startup with the server's own reason.
+    static func open(
+        _ address: PostgresAddress, password: String, configuration: ServerConfiguration, metrics: UsageMetrics, logger: Logger
+    ) throws -> LedgerWriter {
+        let ledger = PostgresLedger(
+            address: address, password: password, instance: configuration.instance, families: metrics.families, seriesIDs: metrics.seriesIDs,
+            retentionDays: configuration.ledgerRetentionDays, logger: logger
+        )
+        let health = metrics.ledger!
+        let started = monotonicNanoseconds()
+        do {
+            let restored = try ledger.restore(into: metrics, requestIDs: metrics.requestIDs, now: LedgerWriter.now())
+            health.opened()
+            Self.logRestored(restored, ledger: ledger, started: started, mode: configuration.fsync, logger: logger)
+        } catch .unreachable(let place, let reason) {
+            health.failed()
+            logger.warning(
+                "ledger not reachable; callbacks are refused with 503 and /readyz reports 503 until it is",
+                metadata: ["ledger": "\(place)", "error": "\(reason)", "attempts": "1", "retry_seconds": "1"]
+            )
+        } catch {
+            ledger.close()
+            throw LedgerURLError(underlying: error)
+        }
+        logger.info("ledger replica", metadata: ["instance": "\(configuration.instance)"])
+        let writer = LedgerWriter(
+            ledger: ledger, mode: configuration.fsync, interval: configuration.fsyncInterval, metrics: metrics, health: health, logger: logger
+        )
+        writer.start()
+        return writer
+    }
+}
+
+/// The shared ledger cannot be used; says which flag set it.
+struct LedgerURLError: Error, CustomStringConvertible {
+    var underlying: any Error
+    var description: String { "--ledger-url (USAGE_TRACKING_LEDGER_URL): \(self.underlying)" }
 }
 
 /// The state directory cannot be used; says which flag set it.

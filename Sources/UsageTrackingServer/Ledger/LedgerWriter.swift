@@ -84,6 +84,10 @@ final class LedgerWriter: Sendable {
         }
     }
 
+    /// False until the ledger has been restored: a database not reachable at startup. Nothing is
+    /// counted meanwhile, and `/metrics` is not served (it would show a reset).
+    var isOpen: Bool { self.health.isOpen }
+
     /// `always` mode: hands a callback over; the future says what became of it.
     func commit(_ callback: Callback, digest: UInt64?, on eventLoop: EventLoop) -> EventLoopFuture<Verdict> {
         self.commit(Waiter(callbacks: [callback], isCallback: true, digest: digest, promise: eventLoop.makePromise()))
@@ -148,6 +152,12 @@ final class LedgerWriter: Sendable {
 
     private func run() {
         var carried = LedgerBatch(maxRequestIDs: self.metrics.requestIDs?.maxIDs ?? 0)
+        if !self.health.isOpen {
+            guard self.open(carrying: &carried) else {
+                self.ledger.close()
+                return
+            }
+        }
         var lastAttempt = Self.now()
         var lastErrorLog: Int64 = 0
         var failures = 0
@@ -163,41 +173,58 @@ final class LedgerWriter: Sendable {
             lastAttempt = now
             var batch = base
             var verdicts: [Verdict] = []
-            // The series each counted callback goes to; a duplicate creates none.
-            var resolved: [(series: [SeriesHandle?], amounts: [UInt64?])] = []
+            // The series each callback that may count goes to (none for a duplicate).
+            var resolved: [[(series: [SeriesHandle?], amounts: [UInt64?])]] = []
             var claimed: [UInt64] = []
-            var counted: UInt64 = 0
+            // Callbacks counted without a request id; those with one are claims, which the
+            // ledger settles (and counts as accepted or duplicate) in the commit.
+            var unclaimed: UInt64 = 0
             var duplicates: UInt64 = 0
             verdicts.reserveCapacity(waiters.count)
+            resolved.reserveCapacity(waiters.count)
             for waiter in waiters {
-                if let digest = waiter.digest, let window = self.metrics.requestIDs {
-                    guard window.claim(digest, at: now) else {
+                var digest: UInt64?
+                if let waiterDigest = waiter.digest, let window = self.metrics.requestIDs {
+                    guard window.claim(waiterDigest, at: now) else {
                         verdicts.append(.duplicate)
+                        resolved.append([])
                         if waiter.isCallback { duplicates += 1 }
                         continue
                     }
-                    claimed.append(digest)
-                    batch.add(requestID: digest, seen: now)
+                    claimed.append(waiterDigest)
+                    digest = waiterDigest
                 }
-                for callback in waiter.callbacks {
-                    let series = self.metrics.resolve(callback)
-                    resolved.append((series, callback.amounts))
-                    batch.add(series, amounts: callback.amounts, at: now)
+                let counts = waiter.callbacks.map { (series: self.metrics.resolve($0), amounts: $0.amounts) }
+                if let digest {
+                    batch.claim(digest, isCallback: waiter.isCallback, series: counts.map(\.series), amounts: counts.map(\.amounts))
+                } else {
+                    for count in counts { batch.add(count.series, amounts: count.amounts, at: now) }
+                    if waiter.isCallback { unclaimed += 1 }
                 }
+                resolved.append(counts)
                 verdicts.append(.counted)
-                if waiter.isCallback { counted += 1 }
             }
-            if counted > 0 { batch.add(.accepted, count: counted, at: now) }
+            if unclaimed > 0 { batch.add(.accepted, count: unclaimed, at: now) }
             if duplicates > 0 { batch.add(.duplicate, count: duplicates, at: now) }
             do {
-                try self.ledger.commit(batch, now: now)
+                let refused = try self.ledger.commit(batch, now: now)
                 if failures > 0 {
                     self.logger.notice("ledger commits succeed again", metadata: ["failed_attempts": "\(failures)"])
                 }
                 failures = 0
                 carried = LedgerBatch(maxRequestIDs: carried.maxRequestIDs)
-                for (series, amounts) in resolved { self.metrics.add(series, amounts: amounts) }
-                self.metrics.record(.accepted, count: counted)
+                var accepted: UInt64 = 0
+                for (index, waiter) in waiters.enumerated() where verdicts[index] == .counted {
+                    // Counted by another replica of a shared ledger: this id is now this one's duplicate too.
+                    if let digest = waiter.digest, refused.contains(digest) {
+                        verdicts[index] = .duplicate
+                        if waiter.isCallback { duplicates += 1 }
+                        continue
+                    }
+                    for (series, amounts) in resolved[index] { self.metrics.add(series, amounts: amounts) }
+                    if waiter.isCallback { accepted += 1 }
+                }
+                self.metrics.record(.accepted, count: accepted)
                 self.metrics.record(.duplicate, count: duplicates)
                 self.health.committed(at: now)
                 Self.complete(zip(waiters, verdicts).map { ($0.promise, $1) })
@@ -232,6 +259,55 @@ final class LedgerWriter: Sendable {
                 self.ledger.close()
                 return
             }
+        }
+    }
+
+    /// A ledger not reachable at startup (a database server): restores it as soon as it can,
+    /// retrying after 1, 2, 4 … 30 s, refusing what is handed over meanwhile and keeping the
+    /// outcomes recorded (`carried`). False when stopped first.
+    private func open(carrying carried: inout LedgerBatch) -> Bool {
+        var delay: Int64 = 1
+        var attempts = 0
+        while true {
+            let (waiters, fresh, stopping) = self.take(for: delay)
+            Self.complete(waiters.map { ($0.promise, .unavailable) })
+            carried.merge(fresh)
+            if stopping {
+                self.logger.warning("stopped before the ledger could be reached", metadata: ["attempts": "\(attempts)"])
+                return false
+            }
+            attempts += 1
+            let started = monotonicNanoseconds()
+            do {
+                let restored = try self.ledger.restore(into: self.metrics, requestIDs: self.metrics.requestIDs, now: Self.now())
+                self.health.opened()
+                Self.logRestored(restored, ledger: self.ledger, started: started, mode: self.mode, logger: self.logger)
+                return true
+            } catch {
+                self.health.failed()
+                self.logger.warning(
+                    "ledger not reachable; callbacks are refused with 503 and /readyz reports 503 until it is",
+                    metadata: ["error": "\(error)", "attempts": "\(attempts)", "retry_seconds": "\(min(delay * 2, 30))"]
+                )
+                delay = min(delay * 2, 30)
+            }
+        }
+    }
+
+    /// Logs what `restore` found.
+    static func logRestored(_ restored: RestoredCounts, ledger: any LedgerEngine, started: UInt64, mode: FsyncMode, logger: Logger) {
+        logger.info(
+            "ledger restored",
+            metadata: [
+                ledger.location.key: "\(ledger.location.value)", "series": "\(restored.series)", "request_ids": "\(restored.requestIDs)",
+                "seconds": "\(Double(monotonicNanoseconds() - started) / 1e9)", "fsync": "\(mode.rawValue)",
+            ]
+        )
+        if restored.unexposedSeries > 0 {
+            logger.notice(
+                "the ledger holds series of metrics the config no longer has: kept in the ledger, not exposed",
+                metadata: ["series": "\(restored.unexposedSeries)", "metrics": .array(restored.unexposedMetrics.map { .string($0) })]
+            )
         }
     }
 
