@@ -222,3 +222,15 @@ def one(objects, kind):
 
 def prometheus_rule_groups():
     return one(kustomize_objects(), "PrometheusRule")["spec"]["groups"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL on loopback for the whole session (postgres_server.py); a missing
+    package fails the test rather than skipping it."""
+    from postgres_server import PostgresServer  # here: postgres_server itself imports this module
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()
