@@ -335,9 +335,9 @@ def test_quota_adds_a_lookup_a_rule_and_a_denial_message_to_the_kuadrant_example
     assert set(rules["authorization"]) == {"allowed-groups", "monthly-quota"}
     del rules["authorization"]["monthly-quota"]
     assert set(rules["response"].pop("unauthorized")) == {"message"}
+    # All else as it was: the callback still waits for the success filter, so a request the quota
+    # denies is not counted.
     assert policy == original
-    # Denied requests stay uncounted: the callback still waits for the success filter.
-    assert rules["callbacks"] == original["spec"]["rules"]["callbacks"]
     # Components need a base: on its own it builds nothing.
     alone = subprocess.run([need("kubectl"), "kustomize", QUOTA], capture_output=True, text=True)
     assert alone.returncode != 0 or not alone.stdout.strip(), alone.stdout
@@ -444,7 +444,6 @@ def test_quota_denial_message_leaves_other_denials_alone():
     for groups, user, answer in (("other", "someone", None), ("premium", "premiumuser1", None),
                                  ("free", "freeuser1", usage_answer("freeuser1", 3))):
         assert cel(message, authorization(groups, user, answer)) == "Unauthorized"
-    assert str(QUOTA_LIMIT) in QUOTA_MESSAGE
 
 
 ENVOY_GATEWAY = os.path.join(DEPLOY, "examples", "envoy-gateway")
