@@ -21,7 +21,8 @@ BEARER = {"Authorization": f"Bearer {SECRET}"}
 USAGE_SECONDS = 15
 
 
-@pytest.fixture(scope="module", autouse=True)
+# Session-scoped so that it runs before the session's PostgreSQL starts for nothing.
+@pytest.fixture(scope="session", autouse=True)
 def binary_with_ledger_url():
     if not os.access(BINARY, os.X_OK):
         pytest.fail(f"{BINARY} not built; run `swift build` (Tests/run-suite does)")
