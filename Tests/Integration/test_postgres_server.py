@@ -38,7 +38,7 @@ def test_is_debians_postgresql_15_with_fsync_and_scram(postgres):
 
 
 @pytest.mark.parametrize("password,message", [
-    ("not-the-password", f'password authentication failed for user "usage_tracking"'),
+    ("not-the-password", 'password authentication failed for user "usage_tracking"'),
     ("", "fe_sendauth: no password supplied"),
 ])
 def test_refuses_a_wrong_or_missing_password(postgres, password, message):

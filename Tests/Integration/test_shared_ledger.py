@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 import urllib.parse
 
 import pytest
@@ -77,13 +78,13 @@ def total(answer, family="llm_requests_total"):
 
 def wait_for_total(service, user, expected, **parameters):
     """The /usage answer once its total is `expected`, within USAGE_SECONDS (its cache)."""
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=USAGE_SECONDS)
+    deadline = time.time() + USAGE_SECONDS
     while True:
         answer = usage(service, user, **parameters)
-        if total(answer) == expected or datetime.datetime.now() >= deadline:
+        if total(answer) == expected or time.time() >= deadline:
             assert total(answer) == expected, answer
             return answer
-        threading.Event().wait(0.25)
+        time.sleep(0.25)
 
 
 def this_month():
@@ -160,10 +161,10 @@ def test_counts_outlive_a_replica_and_a_database_restart(postgres, database, tmp
             assert status == 503, body
         finally:
             postgres.start()
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=30)
+        deadline = time.time() + 30
         while track(second, "alice")[0] != 202:
-            assert datetime.datetime.now() < deadline, "no callback acknowledged 30 s after the database came back"
-            threading.Event().wait(0.5)
+            assert time.time() < deadline, "no callback acknowledged 30 s after the database came back"
+            time.sleep(0.5)
         assert total(wait_for_total(first, "alice", 11)) == 11
     finally:
         first.stop()
@@ -190,17 +191,17 @@ def test_a_wrong_password_keeps_the_replica_out_of_service_and_unprinted(postgre
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
     try:
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=30)
-        while process.poll() is None and datetime.datetime.now() < deadline:
+        deadline = time.time() + 30
+        while process.poll() is None and time.time() < deadline:
             ports = [found[1] for found in map(listening, list(lines)) if found and found[0] == "http"]
             if ports:
-                threading.Event().wait(2)  # time to try the database
+                time.sleep(2)  # time to try the database
                 assert request(ports[0], "GET", "/readyz")[0] == 503
                 status, _, body = request(ports[0], "POST", "/track", callback("alice", "free").encode(),
                                           {"Content-Type": "application/json", **BEARER})
                 assert status == 503, body
                 break
-            threading.Event().wait(0.2)
+            time.sleep(0.2)
         else:
             assert process.poll() is not None and process.returncode != 0, "".join(lines)
     finally:
