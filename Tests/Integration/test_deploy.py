@@ -1,5 +1,6 @@
 """Deploy/ and Dashboards/ checked with the real tools: kustomize, yamllint, Kubernetes schemas,
 the CRDs in ../shared/crds, promtool, and a real Prometheus fed by real callbacks."""
+import functools
 import glob
 import json
 import os
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 
 import jsonschema
 import pytest
@@ -214,6 +216,234 @@ def test_ledger_works_under_namespace_and_name_prefix_overlays(fields, namespace
     assert pod["containers"][0]["envFrom"] == [{"configMapRef": {"name": prefix + "usage-tracking"}}]
     assert [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v] == [prefix + "usage-tracking"]
     assert [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v] == [CALLBACK_SECRET]
+
+
+POSTGRES = os.path.join(DEPLOY, "examples", "postgres")
+# The Secret with the database role's password, which the operator creates beside the callback's.
+LEDGER_SECRET = "usage-tracking-ledger"
+INSTANCE_FROM_POD_NAME = [{"name": "USAGE_TRACKING_INSTANCE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+
+
+def postgres_objects(**fields):
+    """The base with the shared-ledger Component."""
+    return overlay_objects(DEPLOY, [POSTGRES], **fields)
+
+
+def test_postgres_component_changes_the_configmap_and_the_deployment_only():
+    base, shared = kustomize_objects(), postgres_objects()
+    # The same objects by kind and name: no StatefulSet, no PersistentVolumeClaim, no Secret.
+    assert summary(shared) == summary(base)
+    assert sorted(o["kind"] for o in shared if o not in base) == ["ConfigMap", "Deployment"]
+    # On its own it builds nothing, rather than half a deployment.
+    alone = subprocess.run([need("kubectl"), "kustomize", POSTGRES], capture_output=True, text=True)
+    assert alone.returncode != 0 or not alone.stdout.strip(), alone.stdout
+
+
+def test_postgres_replicas_reach_one_database_with_a_password_file_only():
+    objects = postgres_objects()
+    config = one(objects, "ConfigMap")["data"]
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert deployment["spec"]["replicas"] == 3
+    # The URL names the role, the database and the port, never a password; the binary refuses
+    # --state-dir beside it.
+    url = urllib.parse.urlsplit(config["USAGE_TRACKING_LEDGER_URL"])
+    assert (url.scheme, url.username, url.password, url.port, url.path) == ("postgres", "usage_tracking", None, 5432,
+                                                                             "/usage")
+    assert url.hostname == "postgres.usage-tracking-db.svc" and not url.query
+    assert "USAGE_TRACKING_STATE_DIR" not in config
+    # A 202 only once the count is committed, as with ../ledger.
+    assert config["USAGE_TRACKING_FSYNC"] == "always"
+    # The password is a file from the Secret's key `password`, mounted read-only as a directory
+    # (so a rotation reaches it), and appears nowhere else.
+    path = config["USAGE_TRACKING_LEDGER_PASSWORD_FILE"]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == os.path.dirname(path)]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mount["name"]] == {"name": mount["name"], "secret": {
+        "secretName": LEDGER_SECRET, "items": [{"key": "password", "path": os.path.basename(path)}]}}
+    # Readable by uid 65532 as the callback secret is: the default mode, no fsGroup.
+    assert "defaultMode" not in volumes["callback-secret"]["secret"] and "fsGroup" not in pod["securityContext"]
+    assert [k for k in config if "PASSWORD" in k] == ["USAGE_TRACKING_LEDGER_PASSWORD_FILE"]
+    text = yaml.safe_dump_all(objects)
+    assert "kind: Secret" not in text and "stringData" not in text
+    assert re.findall(r"postgres://[^\s'\"]*", text) == [config["USAGE_TRACKING_LEDGER_URL"]]
+    # Each replica names itself after its pod; the ConfigMap cannot (the downward API is per pod).
+    assert container["env"] == INSTANCE_FROM_POD_NAME and "USAGE_TRACKING_INSTANCE" not in config
+    # No volume of its own: nothing writable but what the base has.
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert not [v for v in pod["volumes"] if set(v) - {"name", "secret", "configMap"}]
+
+
+def test_postgres_deployment_runs_the_base_pod_plus_the_password_and_the_instance():
+    base = one(kustomize_objects(), "Deployment")
+    shared = one(postgres_objects(), "Deployment")
+    template = json.loads(json.dumps(shared["spec"]["template"]))
+    container = template["spec"]["containers"][0]
+    assert container.pop("env") == INSTANCE_FROM_POD_NAME
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "ledger-password"]
+    template["spec"]["volumes"] = [v for v in template["spec"]["volumes"] if v["name"] != "ledger-password"]
+    assert template == base["spec"]["template"]
+    assert without(shared["spec"], "replicas", "template") == without(base["spec"], "replicas", "template")
+
+
+def test_postgres_needs_no_egress_rule_while_the_base_restricts_ingress_only():
+    """If the base's NetworkPolicy ever restricts egress, the Component must open TCP 5432."""
+    policy = one(postgres_objects(), "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
+    with open(os.path.join(POSTGRES, "kustomization.yaml")) as f:
+        assert "allow TCP 5432" in f.read()
+
+
+@pytest.mark.parametrize("fields,namespace,prefix", [
+    ({"namespace": "team-x"}, "team-x", ""),
+    ({"namespace": "team-x", "namePrefix": "team-x-"}, "team-x", "team-x-"),
+])
+def test_postgres_works_under_namespace_and_name_prefix_overlays(fields, namespace, prefix):
+    objects = postgres_objects(**fields)
+    assert summary(objects) == [(kind, namespace, prefix + "usage-tracking") for kind in SERVICE_KINDS]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["envFrom"] == [{"configMapRef": {"name": prefix + "usage-tracking"}}]
+    # The operator's Secrets keep their documented names.
+    assert sorted(v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v) == [CALLBACK_SECRET, LEDGER_SECRET]
+
+
+QUOTA = os.path.join(DEPLOY, "examples", "quota")
+QUOTA_LIMIT = 1000
+USER_ID = 'auth.identity.metadata.annotations["secret.kuadrant.io/user-id"]'
+QUOTA_MESSAGE = "Monthly quota of 1000 requests used up for the free tier; it renews on the 1st (UTC)"
+LOOKUP_FAILED = "Usage could not be checked; try again shortly"
+
+
+@functools.lru_cache(maxsize=1)
+def quota_build():
+    """The Kuadrant example with the quota Component; built once, not to be changed."""
+    return overlay_objects(EXAMPLE, [QUOTA])
+
+
+def quota_rules():
+    return one(quota_build(), "AuthPolicy")["spec"]["rules"]
+
+
+def test_quota_adds_a_lookup_a_rule_and_a_denial_message_to_the_kuadrant_example():
+    assert summary(quota_build()) == summary(kustomize_objects(EXAMPLE))
+    original = one(kustomize_objects(EXAMPLE), "AuthPolicy")
+    policy = json.loads(json.dumps(one(quota_build(), "AuthPolicy")))
+    rules = policy["spec"]["rules"]
+    assert set(rules.pop("metadata")) == {"usage"}
+    assert set(rules["authorization"]) == {"allowed-groups", "monthly-quota"}
+    del rules["authorization"]["monthly-quota"]
+    assert set(rules["response"].pop("unauthorized")) == {"message"}
+    # All else as it was: the callback still waits for the success filter, so a request the quota
+    # denies is not counted.
+    assert policy == original
+    # Components need a base: on its own it builds nothing.
+    alone = subprocess.run([need("kubectl"), "kustomize", QUOTA], capture_output=True, text=True)
+    assert alone.returncode != 0 or not alone.stdout.strip(), alone.stdout
+
+
+def test_quota_lookup_asks_the_service_with_the_callbacks_secret():
+    rules = quota_rules()
+    lookup, callback = rules["metadata"]["usage"], rules["callbacks"]["usage-tracking"]["http"]
+    http = lookup["http"]
+    assert http["method"] == "GET" and "url" not in http
+    assert http["sharedSecretRef"] == callback["sharedSecretRef"] == {"name": CALLBACK_SECRET, "key": "secret"}
+    assert http["credentials"] == callback["credentials"] == {"authorizationHeader": {"prefix": "Bearer"}}
+    # The callback's Service and port (test_example_callback_matches_the_service checks those
+    # against the base), path /usage, the callback's user.
+    track = urllib.parse.urlsplit(callback["url"])
+    assert cel(http["urlExpression"], authorization("free", "freeuser1")) == (
+        f"{track.scheme}://{track.netloc}/usage?user=freeuser1")
+    assert USER_ID in callback["body"]["expression"]
+    # Looked up for exactly the users the rule limits; cached per user, briefly.
+    assert lookup["when"] == rules["authorization"]["monthly-quota"]["when"]
+    assert lookup["cache"] == {"key": {"expression": USER_ID}, "ttl": 10}
+    with open(os.path.join(QUOTA, "kustomization.yaml")) as f:
+        text = f.read()
+    assert "requests in flight" in text and "ttl" in text  # the race, explained
+
+
+def cel(source, activation):
+    """`source` evaluated by a real CEL implementation (cel-python) over the Authorization JSON."""
+    try:
+        import celpy
+    except ImportError:
+        pytest.fail("cel-python is not installed; Tests/run-suite installs it into .venv-tests/")
+    environment = celpy.Environment()
+    return environment.program(environment.compile(source)).evaluate(activation)
+
+
+def as_struct(value):
+    """JSON as Authorino hands it to CEL, a protobuf Struct: every number a double."""
+    if isinstance(value, dict):
+        return {k: as_struct(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_struct(v) for v in value]
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def authorization(groups, user, usage=None):
+    """The Authorization JSON for an API key of ../kuadrant with these annotations, and `usage`
+    as auth.metadata.usage when the lookup left one."""
+    import celpy
+    auth = {"identity": {"metadata": {"annotations": {"secret.kuadrant.io/user-id": user, "kuadrant.io/groups": groups}}},
+            "metadata": {} if usage is None else {"usage": usage}}
+    return {"auth": celpy.json_to_cel(as_struct(auth))}
+
+
+def usage_answer(user, total):
+    """GET /usage's answer for a user with `total` requests this month, or no family at all (None)."""
+    families = {} if total is None else {"llm_requests_total": {"total": total, "by": [
+        {"labels": {"groups": "free", "path": "/v1/chat/completions"}, "total": total}]}}
+    return {"user": user, "from": "2026-12-01T00:00:00Z", "to": "2027-01-01T00:00:00Z", "families": families}
+
+
+def quota_decision(rules, groups, user, answer):
+    """(allowed, denial message) of the quota rule as Authorino takes it: the lookup runs only
+    when its `when` holds and leaves `answer` (None: it failed); the rule applies only when its own
+    `when` holds, and a predicate that errors denies."""
+    import celpy
+    identity = authorization(groups, user)
+    looked_up = all(cel(w["predicate"], identity) for w in rules["metadata"]["usage"]["when"])
+    activation = authorization(groups, user, answer if looked_up else None)
+    rule = rules["authorization"]["monthly-quota"]
+    allowed = True
+    if all(cel(w["predicate"], activation) for w in rule["when"]):
+        try:
+            allowed = all(cel(p["predicate"], activation) == celpy.celtypes.BoolType(True)
+                          for p in rule["patternMatching"]["patterns"])
+        except celpy.CELEvalError:
+            allowed = False
+    return allowed, None if allowed else cel(rules["response"]["unauthorized"]["message"]["expression"], activation)
+
+
+@pytest.mark.parametrize("groups,user,answer,expected", [
+    ("free", "freeuser1", usage_answer("freeuser1", QUOTA_LIMIT - 1), (True, None)),
+    ("free", "freeuser1", usage_answer("freeuser1", QUOTA_LIMIT), (False, QUOTA_MESSAGE)),
+    ("free", "freeuser1", usage_answer("freeuser1", QUOTA_LIMIT + 1), (False, QUOTA_MESSAGE)),
+    ("free", "freeuser1", usage_answer("freeuser1", 0), (True, None)),
+    ("free", "freeuser1", usage_answer("freeuser1", None), (True, None)),  # nothing counted this month yet
+    ("premium", "premiumuser1", usage_answer("premiumuser1", 50 * QUOTA_LIMIT), (True, None)),
+    ("free,premium", "both1", usage_answer("both1", 50 * QUOTA_LIMIT), (True, None)),
+    ("premium", "premiumuser1", None, (True, None)),  # never looked up, so nothing to fail
+    ("freedom", "other1", usage_answer("other1", 50 * QUOTA_LIMIT), (True, None)),  # not the group free
+    # Fails closed for free users: no answer, an error answer (Authorino keeps any body, a 401's
+    # too), an answer about someone else.
+    ("free", "freeuser1", None, (False, LOOKUP_FAILED)),
+    ("free", "freeuser1", {"error": "unauthorized"}, (False, LOOKUP_FAILED)),
+    ("free", "freeuser1", usage_answer("freeuser2", 0), (False, LOOKUP_FAILED)),
+])
+def test_quota_denies_only_free_users_at_or_past_the_monthly_limit(groups, user, answer, expected):
+    assert quota_decision(quota_rules(), groups, user, answer) == expected
+
+
+def test_quota_denial_message_leaves_other_denials_alone():
+    """A request denied by another rule (the example's allowed-groups) is not told about quotas."""
+    message = quota_rules()["response"]["unauthorized"]["message"]["expression"]
+    for groups, user, answer in (("other", "someone", None), ("premium", "premiumuser1", None),
+                                 ("free", "freeuser1", usage_answer("freeuser1", 3))):
+        assert cel(message, authorization(groups, user, answer)) == "Unauthorized"
 
 
 ENVOY_GATEWAY = os.path.join(DEPLOY, "examples", "envoy-gateway")
@@ -531,6 +761,7 @@ def test_yamllint_is_clean():
     files += glob.glob(os.path.join(DASHBOARDS, "*.yaml"))
     assert os.path.join(EXAMPLE, "authpolicy.yaml") in files
     assert os.path.join(LEDGER, "statefulset.yaml") in files
+    assert {os.path.join(d, "kustomization.yaml") for d in (POSTGRES, QUOTA)} <= set(files)
     result = subprocess.run([need("yamllint"), "--strict", "-c", os.path.join(DEPLOY, ".yamllint"), *files],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -538,8 +769,10 @@ def test_yamllint_is_clean():
 
 def all_objects():
     objects = kustomize_objects() + kustomize_objects(EXAMPLE) + ledger_objects()
-    # The ext_proc examples build on the Kuadrant one: only what they add or change.
-    return objects + [o for build in ext_proc_builds().values() for o in build if o not in objects]
+    # The shared ledger and the quota build on the base and the Kuadrant example, the ext_proc
+    # examples on the Kuadrant one: only what they add or change.
+    builds = [postgres_objects(), quota_build(), *ext_proc_builds().values()]
+    return objects + [o for build in builds for o in build if o not in objects]
 
 
 def test_core_objects_validate_against_kubernetes_schemas():
@@ -550,7 +783,7 @@ def test_core_objects_validate_against_kubernetes_schemas():
         result = subprocess.run([need("kubernetes-validate"), "--strict", "-k", "1.30.0", f.name],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert result.stdout.count(" passed for resource ") == len(core) == 13, result.stdout
+        assert result.stdout.count(" passed for resource ") == len(core) == 15, result.stdout
     finally:
         os.unlink(f.name)
 

@@ -442,3 +442,29 @@ def test_the_password_is_never_logged_nor_shown(postgres, database, tmp_path):
         assert postgres.password not in everything
     finally:
         stop(service.process)
+
+
+def test_the_deploy_components_settings_start_a_replica(postgres, database, tmp_path):
+    """Deploy/examples/postgres's ConfigMap and env, with the database and the files moved here."""
+    from conftest import DEPLOY, one
+    from test_deploy import POSTGRES, overlay_objects
+    objects = overlay_objects(DEPLOY, [POSTGRES])
+    data = one(objects, "ConfigMap")["data"]
+    settings = {k: v for k, v in data.items() if k != "config.yaml"}
+    (tmp_path / "config.yaml").write_text(data["config.yaml"])
+    settings.update(USAGE_TRACKING_LEDGER_URL=postgres.url(database),
+                    USAGE_TRACKING_LEDGER_PASSWORD_FILE=postgres.password_file(tmp_path / "password"),
+                    USAGE_TRACKING_CONFIG=str(tmp_path / "config.yaml"), USAGE_TRACKING_CALLBACK_SECRET=SECRET)
+    # The secret comes from the environment here, no port 9000 is taken, and the stop is not delayed.
+    for variable in ("USAGE_TRACKING_CALLBACK_SECRET_FILE", "USAGE_TRACKING_EXT_PROC_PORT", "USAGE_TRACKING_DRAIN_DELAY"):
+        settings.pop(variable)
+    [instance] = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    settings[instance["name"]] = "usage-tracking-7c9f8d6b5-x2x4q"  # what the downward API gives a pod
+    service = Service(env={"PATH": os.environ["PATH"], **settings})
+    try:
+        assert send(service.port, "alice")[0] == 202
+        assert requests_total(service.port, "alice") == 1
+        assert postgres.psql("SELECT instance FROM replica", database) == [("usage-tracking-7c9f8d6b5-x2x4q",)]
+        assert postgres.password not in "".join(service.lines)
+    finally:
+        service.stop()
