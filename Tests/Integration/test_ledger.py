@@ -30,7 +30,7 @@ JSON = {"Content-Type": "application/json"}
 FLAG = "--state-dir (USAGE_TRACKING_STATE_DIR)"
 REFUSAL = ("; refusing to start from zero. The files are left as they were: restore a backup, or move them aside to "
            "start a new ledger")
-UNAVAILABLE = (b'{"error":"ledger unavailable","problems":["the usage ledger cannot write to disk (see the service\'s '
+UNAVAILABLE = (b'{"error":"ledger unavailable","problems":["the usage ledger cannot commit (see the service\'s '
                b'log); this callback was not counted"]}\n')
 COMMIT_FAILED = "ledger commit failed; /readyz reports 503 until one succeeds"
 

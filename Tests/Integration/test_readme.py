@@ -31,8 +31,9 @@ def blocks(language):
     return re.findall(r"^ *```" + language + r"\n(.*?)^ *```$", readme(), re.M | re.S)
 
 
-def console_examples():
-    """(command, expected output) pairs from every ```console block, in README order."""
+def console_examples(shared_ledger=False):
+    """(command, expected output) pairs from every ```console block, in README order: those that
+    need the shared ledger (/usage, run in test_shared_ledger.py) or the others."""
     examples = []
     for block in blocks("console"):
         lines = block.rstrip("\n").split("\n")
@@ -49,7 +50,7 @@ def console_examples():
                 output.append(lines[i])
                 i += 1
             examples.append((command, "\n".join(output)))
-    return examples
+    return [(c, o) for c, o in examples if ("/usage" in c) == shared_ledger]
 
 
 def normalise(text):
@@ -120,6 +121,23 @@ def test_secret_commands_match_what_the_deployment_mounts():
     assert pod["volumes"][0]["secret"]["secretName"] == "usage-tracking-callback"
     assert one(kustomize_objects(), "ConfigMap")["data"]["USAGE_TRACKING_CALLBACK_SECRET_FILE"] == (
         pod["containers"][0]["volumeMounts"][0]["mountPath"] + "/secret")
+
+
+def test_postgres_component_shown_builds_into_the_overlay_shown(tmp_path):
+    overlay = next(b for b in blocks("yaml") if b.lstrip().startswith("# my-usage-tracking/kustomization.yaml"))
+    section = readme().split("### Sharing one ledger between replicas", 1)[1].split("\n### ", 1)[0]
+    addition = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    fields = {**yaml.safe_load(overlay), **yaml.safe_load(addition)}
+    assert fields["components"] == ["../usage-tracking/Deploy/examples/postgres"]
+    fields["resources"] = [os.path.relpath(DEPLOY, tmp_path)]
+    fields["components"] = [os.path.relpath(os.path.join(DEPLOY, "examples", "postgres"), tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(fields))
+    objects = kustomize_objects(str(tmp_path))
+    assert one(objects, "ConfigMap")["data"]["USAGE_TRACKING_LEDGER_URL"] == "postgres://usage_tracking@db.example.svc:5432/usage"
+    assert one(objects, "Deployment")["spec"]["replicas"] == 3
+    secret = re.search(r"kubectl -n (\S+) create secret generic (\S+) --from-literal=(\w+)=", section).groups()
+    volume = next(v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["secret"]["secretName"] == secret[1])
+    assert (secret[0], [item["key"] for item in volume["secret"]["items"]]) == ("llm-d", [secret[2]])
 
 
 def test_ledger_component_shown_builds_into_the_overlay_shown(tmp_path):

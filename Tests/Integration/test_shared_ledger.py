@@ -57,20 +57,22 @@ def requests_total(port, user):
 
 
 def month_per_user(postgres, database):
-    """README's month-per-user query, as an operator runs it in psql."""
-    rows = postgres.psql(MONTH_QUERY, database)
-    return {user: int(total) for user, total in rows}
+    """README's month-per-user query, as an operator runs it in psql, for the current month."""
+    now = time.gmtime()
+    this_month = f"{now.tm_year:04d}-{now.tm_mon:02d}-01 00:00+00"
+    next_month = f"{now.tm_year + now.tm_mon // 12:04d}-{now.tm_mon % 12 + 1:02d}-01 00:00+00"
+    query = README_QUERY.replace("'2026-12-01 00:00+00'", f"'{this_month}'").replace("'2027-01-01 00:00+00'", f"'{next_month}'")
+    return {user: int(total) for user, total in postgres.psql(query, database)}
 
 
-MONTH_QUERY = """
-SELECT s.user_label AS "user", sum(h.amount) AS requests
-FROM usage_hourly h
-JOIN series s ON s.instance = h.instance AND s.id = h.series_id
-JOIN metric m ON m.id = s.metric_id
-WHERE m.name = 'llm_requests_total'
-  AND h.hour >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-GROUP BY 1 ORDER BY 1
-"""
+def readme_query():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("### One ledger for many replicas"):]
+    return section[section.index("```sql\n") + 7:section.index("```", section.index("```sql\n") + 7)]
+
+
+README_QUERY = readme_query()
 
 
 # --- one ledger, many replicas ------------------------------------------------------------------
@@ -126,6 +128,27 @@ def test_usage_breaks_down_by_label_and_reads_the_span_asked_for(postgres, datab
         assert status == 200 and answer["families"]["llm_requests_total"]["total"] == 0
         status, _, answer = usage_of(service.port, "carol", **{"from": this_hour})
         assert status == 200 and answer["families"]["llm_requests_total"]["total"] == 4
+    finally:
+        service.stop()
+
+
+def test_the_readmes_usage_example_prints_what_it_shows(postgres, database, tmp_path):
+    from test_readme import console_examples, same
+    [(command, expected)] = console_examples(shared_ledger=True)
+    service = replica(postgres, database, tmp_path, "r0")
+    try:
+        for path, count in (("/v1/chat/completions", 5), ("/v1/completions", 2)):
+            for _ in range(count):
+                assert send(service.port, "premiumuser1", path=path)[0] == 202
+        now = time.gmtime()
+        month = f"{now.tm_year:04d}-{now.tm_mon:02d}-01T00:00:00Z"
+        following = f"{now.tm_year + now.tm_mon // 12:04d}-{now.tm_mon % 12 + 1:02d}-01T00:00:00Z"
+        expected = expected.replace("2026-12-01T00:00:00Z", month).replace("2027-01-01T00:00:00Z", following)
+        run = command.replace("http://localhost:8080/", f"http://127.0.0.1:{service.port}/")
+        result = subprocess.run(["bash", "-o", "pipefail", "-c", run], capture_output=True, text=True, timeout=20,
+                                env={**os.environ, "secret": SECRET})
+        assert result.returncode == 0, result.stderr
+        assert same(expected, result.stdout), f"$ {command}\n--- README\n{expected}\n--- printed\n{result.stdout}"
     finally:
         service.stop()
 
@@ -466,5 +489,33 @@ def test_the_deploy_components_settings_start_a_replica(postgres, database, tmp_
         assert requests_total(service.port, "alice") == 1
         assert postgres.psql("SELECT instance FROM replica", database) == [("usage-tracking-7c9f8d6b5-x2x4q",)]
         assert postgres.password not in "".join(service.lines)
+    finally:
+        service.stop()
+
+
+def test_a_stalled_database_turns_commits_into_503s_within_the_commit_timeout(postgres, database, tmp_path):
+    """A transaction of someone else's holds `replica` locked: every commit waits on it, and
+    PostgreSQL ends the wait after the commit timeout (2 s, statement_timeout)."""
+    service = replica(postgres, database, tmp_path, "slow")
+    try:
+        assert send(service.port, "ivan", "before")[0] == 202
+        locker = threading.Thread(target=postgres.psql, args=(
+            "BEGIN; LOCK TABLE replica IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(6); COMMIT", database))
+        locker.start()
+        wait_until(lambda: postgres.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                                         "WHERE c.relname = 'replica' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+                                         database) == [("1",)], 10, "the lock was not taken")
+        started = time.monotonic()
+        status, body = send(service.port, "ivan", "stalled")
+        waited = time.monotonic() - started
+        assert (status, json.loads(body)["problems"]) == (503, [
+            "the usage ledger cannot commit (see the service's log); this callback was not counted"])
+        assert 1.5 < waited < 5, waited
+        assert "canceling statement due to statement timeout" in log_record(
+            service, "ledger commit failed; /readyz reports 503 until one succeeds")["error"]
+        locker.join(timeout=20)
+        wait_until(lambda: request(service.port, "GET", "/readyz")[0] == 200, 20, "/readyz did not recover")
+        assert send(service.port, "ivan", "stalled")[0] == 202  # refused before, so it counts now
+        assert requests_total(service.port, "ivan") == 2
     finally:
         service.stop()
