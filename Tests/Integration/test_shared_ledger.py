@@ -56,6 +56,15 @@ def requests_total(port, user):
     return answer["families"]["llm_requests_total"]["total"] if "llm_requests_total" in answer["families"] else 0
 
 
+def total_becomes(port, user, expected):
+    """True once /usage says `expected`: an answer is cached 2 s, so a count made just after an
+    earlier question shows within that."""
+    deadline = time.monotonic() + 3
+    while (total := requests_total(port, user)) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return total == expected
+
+
 def month_per_user(postgres, database):
     """README's month-per-user query, as an operator runs it in psql, for the current month."""
     now = time.gmtime()
@@ -149,6 +158,21 @@ def test_the_readmes_usage_example_prints_what_it_shows(postgres, database, tmp_
                                 env={**os.environ, "secret": SECRET})
         assert result.returncode == 0, result.stderr
         assert same(expected, result.stdout), f"$ {command}\n--- README\n{expected}\n--- printed\n{result.stdout}"
+    finally:
+        service.stop()
+
+
+def test_an_answer_is_kept_two_seconds_then_asked_again(postgres, database, tmp_path):
+    service = replica(postgres, database, tmp_path, "r0")
+    try:
+        assert send(service.port, "kate")[0] == 202
+        assert requests_total(service.port, "kate") == 1
+        asked = time.monotonic()
+        assert send(service.port, "kate")[0] == 202
+        assert requests_total(service.port, "kate") == 1  # the kept answer
+        assert time.monotonic() - asked < 1.5
+        time.sleep(2.1)
+        assert requests_total(service.port, "kate") == 2
     finally:
         service.stop()
 
@@ -298,7 +322,7 @@ def test_kill_9_of_a_replica_loses_no_acknowledged_callback_and_counts_none_twic
         for user in users:
             resend_with_secret(service.port, [r for u, r in callers.sent if u == user], user)
         for user in users:
-            assert requests_total(service.port, user) == sum(1 for u, _ in callers.sent if u == user)
+            assert total_becomes(service.port, user, sum(1 for u, _ in callers.sent if u == user))
         graceful(service)
     finally:
         stop(service.process)
@@ -342,7 +366,7 @@ def test_postgres_stopped_and_started_under_load_refuses_meanwhile_and_resumes_b
         # The refused ones, again: counted now, once each.
         for user in users:
             resend_with_secret(service.port, [r for u, r in callers.sent if u == user], user)
-            assert requests_total(service.port, user) == sum(1 for u, _ in callers.sent if u == user)
+            assert total_becomes(service.port, user, sum(1 for u, _ in callers.sent if u == user))
     finally:
         postgres.start() if postgres.pid is None else None
         service.stop()

@@ -39,6 +39,8 @@ public final class PostgresLedger: LedgerEngine {
     public static let schemaVersion = 1
     /// The longest a statement of a commit may run (server side) before the commit is refused.
     public static let commitTimeout: Duration = .seconds(2)
+    /// `commitTimeout` as the session's `statement_timeout`, a literal PostgreSQL reads.
+    private static let statementTimeout = "'\(commitTimeout.components.seconds * 1000)ms'"
 
     public let address: PostgresAddress
     public let instance: String
@@ -87,7 +89,10 @@ public final class PostgresLedger: LedgerEngine {
         let place = "\(self.address)"
         let logger = self.logger
         let window = requestIDs?.window
+        let timeout = Self.statementTimeout
         let result = try self.run(timeout: .seconds(300)) { () async throws -> RestoreResult in
+            // Reading a million series takes longer than a commit may: no bound until it is done.
+            try await connection.query("SET statement_timeout = 0", logger: logger)
             try await Self.migrate(connection, place: place, logger: logger)
             var result = RestoreResult()
             for family in families {
@@ -153,6 +158,7 @@ public final class PostgresLedger: LedgerEngine {
                     result.counts.requestIDs += 1
                 }
             }
+            try await connection.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(timeout)"), logger: logger)
             return result
         }
         self.metricIDs = result.metricIDs
@@ -171,7 +177,6 @@ public final class PostgresLedger: LedgerEngine {
         let expired = now - self.requestIDWindow
         let prune = now - self.lastPrune >= 60
         let retentionCut = LedgerBatch.hour(of: now) - self.retention
-        let timeout = "\(Self.commitTimeout.components.seconds * 1000)ms"
         let outcomeSeries = self.outcomeSeries
         let outcomesMetricID = self.outcomesMetricID
         let metricIDs = self.metricIDs
@@ -181,7 +186,6 @@ public final class PostgresLedger: LedgerEngine {
             result = try self.run(timeout: Self.commitTimeout * 2 + .seconds(1)) { () async throws -> CommitResult in
                 try await connection.query("BEGIN", logger: logger)
                 do {
-                    try await connection.query("SELECT set_config('statement_timeout', \(timeout), true)", logger: logger)
                     var batch = batch
                     var refused = Set<UInt64>()
                     let digests = batch.claimedDigests.map { Int64(bitPattern: $0) }.sorted()
@@ -204,47 +208,31 @@ public final class PostgresLedger: LedgerEngine {
                     var rows = Self.rows(
                         of: batch, stored: stored, metricIDs: metricIDs, outcomeSeries: outcomeSeries, outcomesMetricID: outcomesMetricID, base: rows
                     )
-                    if !rows.newIDs.isEmpty {
-                        try await connection.query(
-                            """
+                    // Everything else in one statement (PostgreSQL runs each part to completion):
+                    // a round trip per part would cost more than the parts themselves.
+                    var commits: Int64 = 0
+                    let counter = try await connection.query(
+                        """
+                        WITH new_series AS (
                             INSERT INTO series (instance, id, metric_id, labels, user_label, total)
                             SELECT \(instance), n.id, n.metric_id, n.labels, nullif(n.user_label, ''), n.total
-                            FROM unnest(\(rows.newIDs)::int8[], \(rows.newMetrics)::int4[], \(rows.newLabels)::text[], \(rows.newUsers)::text[], \(rows.newTotals)::int8[])
-                                AS n (id, metric_id, labels, user_label, total)
-                            """, logger: logger
-                        )
-                    }
-                    if !rows.addIDs.isEmpty {
-                        try await connection.query(
-                            """
+                            FROM unnest(\(rows.newIDs)::int8[], \(rows.newMetrics)::int4[], \(rows.newLabels)::text[], \(rows.newUsers)::text[],
+                                \(rows.newTotals)::int8[]) AS n (id, metric_id, labels, user_label, total)
+                        ), added AS (
                             UPDATE series SET total = series.total + a.amount
                             FROM unnest(\(rows.addIDs)::int8[], \(rows.addAmounts)::int8[]) AS a (id, amount)
                             WHERE series.instance = \(instance) AND series.id = a.id
-                            """, logger: logger
-                        )
-                    }
-                    if !rows.hourIDs.isEmpty {
-                        try await connection.query(
-                            """
+                        ), hours AS (
                             INSERT INTO usage_hourly (instance, series_id, hour, amount)
                             SELECT \(instance), h.id, to_timestamp(h.hour), h.amount
                             FROM unnest(\(rows.hourIDs)::int8[], \(rows.hours)::int8[], \(rows.hourAmounts)::int8[]) AS h (id, hour, amount)
                             ON CONFLICT (instance, series_id, hour) DO UPDATE SET amount = usage_hourly.amount + excluded.amount
-                            """, logger: logger
-                        )
-                    }
-                    if !plain.digests.isEmpty {
-                        try await connection.query(
-                            """
+                        ), ids AS (
                             INSERT INTO request_id (digest, seen) SELECT * FROM unnest(\(plain.digests)::int8[], \(plain.seen)::int8[]) ORDER BY 1
                             ON CONFLICT (digest) DO UPDATE SET seen = greatest(request_id.seen, excluded.seen)
-                            """, logger: logger
                         )
-                    }
-                    var commits: Int64 = 0
-                    let counter = try await connection.query(
-                        "UPDATE replica SET commits = commits + 1, last_commit = to_timestamp(\(now)) WHERE instance = \(instance) RETURNING commits",
-                        logger: logger
+                        UPDATE replica SET commits = commits + 1, last_commit = to_timestamp(\(now)) WHERE instance = \(instance) RETURNING commits
+                        """, logger: logger
                     )
                     for try await value in counter.decode(Int64.self) { commits = value }
                     if prune {
@@ -295,8 +283,11 @@ public final class PostgresLedger: LedgerEngine {
             throw .failed("\(self.address)", "TLS: \(error)")
         }
         let logger = self.logger
+        let timeout = Self.statementTimeout
         let connection = try self.run(timeout: .seconds(5)) {
-            try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
+            let connection = try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
+            try await connection.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(timeout)"), logger: logger)
+            return connection
         }
         self.connection = connection
         return connection
