@@ -353,6 +353,11 @@ def test_postgres_stopped_and_started_under_load_refuses_meanwhile_and_resumes_b
             status, body = send(service.port, "probe")
             assert status == 503
             assert json.loads(body)["problems"] == ["the usage ledger cannot commit (see the service's log); this callback was not counted"]
+            asked = time.monotonic()
+            assert usage_of(service.port, "nobody-asked-before") == (503, {
+                "content-type": "application/json", "content-length": "100"}, {
+                "error": "unavailable", "problems": ["the shared ledger cannot be read now (see the service's log)"]})
+            assert time.monotonic() - asked < 3
         finally:
             postgres.start()
         wait_until(lambda: request(service.port, "GET", "/readyz")[0] == 200, 30, "/readyz did not recover")

@@ -16,9 +16,27 @@ public final class PostgresUsageReader: Sendable {
         self.running = Task { await client.run() }
     }
 
+    /// A question not answered within this fails (503): a quota check must not wait on a
+    /// database that is down, and the pool would wait for one to connect.
+    public static let timeout: Duration = .seconds(2)
+
     /// The rows of `families` whose `user` label is `users[i]` (nil: the family has none),
-    /// summed per series over `query`'s span.
+    /// summed per series over `query`'s span; at most `timeout`.
     public func rows(
+        _ query: UsageQuery, families: [CounterFamily], users: [String?], typeLabels: [Int?]
+    ) async throws -> [UsageQuery.FamilyRows] {
+        try await withThrowingTaskGroup(of: [UsageQuery.FamilyRows].self) { group in
+            group.addTask { try await self.read(query, families: families, users: users, typeLabels: typeLabels) }
+            group.addTask {
+                try await Task.sleep(for: Self.timeout)
+                throw UsageReadTimeout()
+            }
+            defer { group.cancelAll() }
+            return try await group.next()!
+        }
+    }
+
+    private func read(
         _ query: UsageQuery, families: [CounterFamily], users: [String?], typeLabels: [Int?]
     ) async throws -> [UsageQuery.FamilyRows] {
         var names: [String] = []
@@ -58,4 +76,9 @@ public final class PostgresUsageReader: Sendable {
         self.running.cancel()
         await self.running.value
     }
+}
+
+/// The shared ledger gave no answer within `PostgresUsageReader.timeout`.
+struct UsageReadTimeout: Error, CustomStringConvertible {
+    var description: String { "no answer within \(PostgresUsageReader.timeout.components.seconds) s" }
 }
