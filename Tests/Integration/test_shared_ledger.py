@@ -479,6 +479,17 @@ def test_ledger_flags_are_checked_before_anything_starts(arguments, error):
     assert "pw@" not in result.stderr
 
 
+def test_the_instance_is_the_host_name_unless_given(postgres, database, tmp_path):
+    password = postgres.password_file(tmp_path / "password")
+    service = Service("--ledger-url", postgres.url(database), "--ledger-password-file", password)
+    try:
+        assert track(service.port, "lena")[0] == 202
+        assert postgres.psql("SELECT instance FROM replica", database) == [(socket.gethostname(),)]
+        assert log_record(service, "ledger replica")["instance"] == socket.gethostname()
+    finally:
+        service.stop()
+
+
 def test_the_password_is_never_logged_nor_shown(postgres, database, tmp_path):
     service = replica(postgres, database, tmp_path, "p")
     try:
