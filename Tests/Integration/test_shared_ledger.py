@@ -377,6 +377,31 @@ def test_postgres_stopped_and_started_under_load_refuses_meanwhile_and_resumes_b
         service.stop()
 
 
+def test_in_interval_mode_a_database_outage_is_bridged_in_memory_and_committed_after(postgres, database, tmp_path):
+    users = [f"bridge-{i}" for i in range(2)]
+    service = replica(postgres, database, tmp_path, "b", "--fsync", "interval", "--fsync-interval", "1")
+    try:
+        callers = Callers(service.port, users, "bridge", seconds=12)
+        wait_until(lambda: len(callers.acked) >= 50, 20, "the load was not acknowledged")
+        postgres.stop("immediate")
+        try:
+            acked = len(callers.acked)
+            wait_until(lambda: len(callers.acked) > acked + 50, 20, "callbacks were not acknowledged while the database was down")
+            wait_until(lambda: request(service.port, "GET", "/readyz")[0] == 503, 10, "/readyz did not report the failing commits")
+        finally:
+            postgres.start()
+        callers.join()
+        assert set(callers.statuses) == {202}
+        wait_until(lambda: request(service.port, "GET", "/readyz")[0] == 200, 30, "/readyz did not recover")
+        counted = usage(scrape(service.port))
+        wait_until(lambda: all(month_per_user(postgres, database).get(u) == counted[u] for u in users), 10,
+                   "what was counted during the outage did not reach the database")
+        for user in users:
+            assert counted[user] == sum(1 for u, _ in callers.acked if u == user)
+    finally:
+        service.stop()
+
+
 def test_interval_mode_counts_at_once_and_commits_within_the_interval(postgres, database, tmp_path):
     service = replica(postgres, database, tmp_path, "i", "--fsync", "interval", "--fsync-interval", "1")
     try:

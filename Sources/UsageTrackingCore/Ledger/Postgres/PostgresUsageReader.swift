@@ -52,18 +52,8 @@ public final class PostgresUsageReader: Sendable {
         }
         var byName: [String: [(labels: String, amount: Int64)]] = [:]
         if !names.isEmpty {
-            let rows = try await self.client.query(
-                """
-                SELECT w.name, s.labels, sum(h.amount)::int8
-                FROM unnest(\(names)::text[], \(labelLists)::text[], \(values)::text[]) AS w (name, labels, user_label)
-                JOIN metric m ON m.name = w.name AND m.labels = w.labels
-                JOIN series s ON s.user_label = w.user_label AND s.metric_id = m.id
-                JOIN usage_hourly h ON h.instance = s.instance AND h.series_id = s.id
-                WHERE h.hour >= to_timestamp(\(query.from)) AND h.hour < to_timestamp(\(query.to))
-                GROUP BY w.name, s.labels
-                """, logger: self.logger
-            )
-            for try await (name, labels, amount) in rows.decode((String, String, Int64).self) {
+            let statement = UsageRows(names: names, labelLists: labelLists, users: values, from: query.from, to: query.to)
+            for try await (name, labels, amount) in try await self.client.execute(statement, logger: self.logger) {
                 byName[name, default: []].append((labels, amount))
             }
         }
@@ -81,4 +71,39 @@ public final class PostgresUsageReader: Sendable {
 /// The shared ledger gave no answer within `PostgresUsageReader.timeout`.
 struct UsageReadTimeout: Error, CustomStringConvertible {
     var description: String { "no answer within \(PostgresUsageReader.timeout.components.seconds) s" }
+}
+
+/// One user's rows per family, summed per series: prepared once per connection, since planning
+/// it cost more than running it (1.8 ms against 0.3 ms, one EXPLAIN ANALYZE at 100,000 users).
+private struct UsageRows: PostgresPreparedStatement {
+    static let sql = """
+        SELECT w.name, s.labels, sum(h.amount)::int8
+        FROM unnest($1::text[], $2::text[], $3::text[]) AS w (name, labels, user_label)
+        JOIN metric m ON m.name = w.name AND m.labels = w.labels
+        JOIN series s ON s.user_label = w.user_label AND s.metric_id = m.id
+        JOIN usage_hourly h ON h.instance = s.instance AND h.series_id = s.id
+        WHERE h.hour >= to_timestamp($4) AND h.hour < to_timestamp($5)
+        GROUP BY w.name, s.labels
+        """
+    typealias Row = (String, String, Int64)
+
+    var names: [String]
+    var labelLists: [String]
+    var users: [String]
+    var from: Int64
+    var to: Int64
+
+    func makeBindings() throws -> PostgresBindings {
+        var bindings = PostgresBindings(capacity: 5)
+        bindings.append(self.names)
+        bindings.append(self.labelLists)
+        bindings.append(self.users)
+        bindings.append(self.from)
+        bindings.append(self.to)
+        return bindings
+    }
+
+    func decodeRow(_ row: PostgresRow) throws -> Row {
+        try row.decode(Row.self)
+    }
 }
