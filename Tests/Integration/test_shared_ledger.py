@@ -584,3 +584,40 @@ def test_a_stalled_database_turns_commits_into_503s_within_the_commit_timeout(po
         assert requests_total(service.port, "ivan") == 2
     finally:
         service.stop()
+
+
+def test_token_counts_go_to_the_shared_ledger_and_usage_answers_them_per_type(postgres, database, tmp_path):
+    """A model answer through the ext_proc port, in interval mode: not counted while the database
+    has not been reached (nothing may be counted before the restore), counted once it has, and
+    /usage answers the token family per type."""
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+    from test_ext_proc_grpc import SSE_ANSWER, SSE_HEAD, SSE_TOKENS, answer, outcome, series
+    postgres.stop("fast")
+    try:
+        service = replica(postgres, database, tmp_path, "t", "--ext-proc-port", "0", "--fsync", "interval")
+    except BaseException:
+        postgres.start()
+        raise
+    channel = grpc.insecure_channel(f"127.0.0.1:{service.ext_proc_port}")
+    try:
+        stub = ext_proc_grpc.ExternalProcessorStub(channel)
+        list(stub.Process(iter(answer([SSE_ANSWER], user="mia", request_id="t-1", head=SSE_HEAD)), timeout=10))
+        postgres.start()
+        wait_until(lambda: request(service.port, "GET", "/readyz")[0] == 200, 40, "/readyz did not turn 200")
+
+        class Running:  # what test_ext_proc_grpc's series() reads
+            pass
+        running = Running()
+        running.service = service
+        assert series(running)[outcome("unavailable")] == 1
+        list(stub.Process(iter(answer([SSE_ANSWER], user="mia", request_id="t-2", head=SSE_HEAD)), timeout=10))
+        wait_until(lambda: series(running).get(outcome("counted")) == 1, 10, "the answer was not counted")
+        wait_until(lambda: usage_of(service.port, "mia")[2]["families"].get("llm_tokens_total", {}).get("types") == SSE_TOKENS, 10,
+                   "/usage did not show the tokens")
+        assert usage_of(service.port, "mia")[2]["families"]["llm_tokens_total"] == {"types": SSE_TOKENS}
+    finally:
+        channel.close()
+        if postgres.pid is None:
+            postgres.start()
+        service.stop()

@@ -45,6 +45,8 @@ enum TokenCounting {
             return eventLoop.makeSucceededFuture(error.problems.allSatisfy { $0.hasPrefix("header ") } ? .noIdentity : .unreadable)
         }
         let done: TokenStreamOutcome = stream.end == .complete ? .counted : .aborted
+        // A shared ledger not reached yet: nothing may be counted before its counts are back.
+        if let writer = state.ledgerWriter, !writer.isOpen { return eventLoop.makeSucceededFuture(.unavailable) }
         let digest = Self.digest(stream.requestID, state: state)
         if let writer = state.ledgerWriter, writer.mode == .always {
             return writer.commit(tokens: callbacks, digest: digest, on: eventLoop).map { verdict in
