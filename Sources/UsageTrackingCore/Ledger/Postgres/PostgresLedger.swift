@@ -191,15 +191,9 @@ public final class PostgresLedger: LedgerEngine {
                     let digests = batch.claimedDigests.map { Int64(bitPattern: $0) }.sorted()
                     if !digests.isEmpty {
                         // New ids, and ids whose last count fell out of the window, are this batch's.
-                        let claimed = try await connection.query(
-                            """
-                            INSERT INTO request_id (digest, seen) SELECT d, \(now) FROM unnest(\(digests)::int8[]) AS d ORDER BY d
-                            ON CONFLICT (digest) DO UPDATE SET seen = excluded.seen WHERE request_id.seen <= \(expired)
-                            RETURNING digest
-                            """, logger: logger
-                        )
+                        let claimed = try await connection.execute(Claims(digests: digests, now: now, expired: expired), logger: logger)
                         var won = Set<UInt64>()
-                        for try await digest in claimed.decode(Int64.self) { won.insert(UInt64(bitPattern: digest)) }
+                        for try await digest in claimed { won.insert(UInt64(bitPattern: digest)) }
                         refused = Set(digests.map { UInt64(bitPattern: $0) }).subtracting(won)
                     }
                     batch.settle(refused: refused, at: now)
@@ -208,33 +202,9 @@ public final class PostgresLedger: LedgerEngine {
                     var rows = Self.rows(
                         of: batch, stored: stored, metricIDs: metricIDs, outcomeSeries: outcomeSeries, outcomesMetricID: outcomesMetricID, base: rows
                     )
-                    // Everything else in one statement (PostgreSQL runs each part to completion):
-                    // a round trip per part would cost more than the parts themselves.
                     var commits: Int64 = 0
-                    let counter = try await connection.query(
-                        """
-                        WITH new_series AS (
-                            INSERT INTO series (instance, id, metric_id, labels, user_label, total)
-                            SELECT \(instance), n.id, n.metric_id, n.labels, nullif(n.user_label, ''), n.total
-                            FROM unnest(\(rows.newIDs)::int8[], \(rows.newMetrics)::int4[], \(rows.newLabels)::text[], \(rows.newUsers)::text[],
-                                \(rows.newTotals)::int8[]) AS n (id, metric_id, labels, user_label, total)
-                        ), added AS (
-                            UPDATE series SET total = series.total + a.amount
-                            FROM unnest(\(rows.addIDs)::int8[], \(rows.addAmounts)::int8[]) AS a (id, amount)
-                            WHERE series.instance = \(instance) AND series.id = a.id
-                        ), hours AS (
-                            INSERT INTO usage_hourly (instance, series_id, hour, amount)
-                            SELECT \(instance), h.id, to_timestamp(h.hour), h.amount
-                            FROM unnest(\(rows.hourIDs)::int8[], \(rows.hours)::int8[], \(rows.hourAmounts)::int8[]) AS h (id, hour, amount)
-                            ON CONFLICT (instance, series_id, hour) DO UPDATE SET amount = usage_hourly.amount + excluded.amount
-                        ), ids AS (
-                            INSERT INTO request_id (digest, seen) SELECT * FROM unnest(\(plain.digests)::int8[], \(plain.seen)::int8[]) ORDER BY 1
-                            ON CONFLICT (digest) DO UPDATE SET seen = greatest(request_id.seen, excluded.seen)
-                        )
-                        UPDATE replica SET commits = commits + 1, last_commit = to_timestamp(\(now)) WHERE instance = \(instance) RETURNING commits
-                        """, logger: logger
-                    )
-                    for try await value in counter.decode(Int64.self) { commits = value }
+                    let counter = try await connection.execute(Writes(instance: instance, rows: rows, plain: plain, now: now), logger: logger)
+                    for try await value in counter { commits = value }
                     if prune {
                         try await connection.query("DELETE FROM usage_hourly WHERE hour < to_timestamp(\(retentionCut))", logger: logger)
                         try await connection.query("DELETE FROM request_id WHERE seen <= \(expired)", logger: logger)
@@ -504,6 +474,83 @@ public final class PostgresLedger: LedgerEngine {
         }
         return (Array(latest.keys), Array(latest.values))
     }
+}
+
+/// The claims' request ids: new ids, and ids whose last count fell out of the window, are this
+/// batch's (returned); the others were counted within the window, here or by another replica.
+/// Prepared once per connection, as `Writes` is: each commit would otherwise plan them anew.
+private struct Claims: PostgresPreparedStatement {
+    static let sql = """
+        INSERT INTO request_id (digest, seen) SELECT d, $2 FROM unnest($1::int8[]) AS d ORDER BY d
+        ON CONFLICT (digest) DO UPDATE SET seen = excluded.seen WHERE request_id.seen <= $3
+        RETURNING digest
+        """
+    typealias Row = Int64
+    var digests: [Int64]
+    var now: Int64
+    var expired: Int64
+
+    func makeBindings() throws -> PostgresBindings {
+        var bindings = PostgresBindings(capacity: 3)
+        bindings.append(self.digests)
+        bindings.append(self.now)
+        bindings.append(self.expired)
+        return bindings
+    }
+
+    func decodeRow(_ row: PostgresRow) throws -> Row { try row.decode(Int64.self) }
+}
+
+/// Everything a commit writes besides the claims, in one statement (PostgreSQL runs each part
+/// to completion): a round trip per table would cost more than the writes themselves. Returns
+/// the replica's commit counter.
+private struct Writes: PostgresPreparedStatement {
+    static let sql = """
+        WITH new_series AS (
+            INSERT INTO series (instance, id, metric_id, labels, user_label, total)
+            SELECT $1, n.id, n.metric_id, n.labels, nullif(n.user_label, ''), n.total
+            FROM unnest($2::int8[], $3::int4[], $4::text[], $5::text[], $6::int8[]) AS n (id, metric_id, labels, user_label, total)
+        ), added AS (
+            UPDATE series SET total = series.total + a.amount
+            FROM unnest($7::int8[], $8::int8[]) AS a (id, amount)
+            WHERE series.instance = $1 AND series.id = a.id
+        ), hours AS (
+            INSERT INTO usage_hourly (instance, series_id, hour, amount)
+            SELECT $1, h.id, to_timestamp(h.hour), h.amount
+            FROM unnest($9::int8[], $10::int8[], $11::int8[]) AS h (id, hour, amount)
+            ON CONFLICT (instance, series_id, hour) DO UPDATE SET amount = usage_hourly.amount + excluded.amount
+        ), ids AS (
+            INSERT INTO request_id (digest, seen) SELECT * FROM unnest($12::int8[], $13::int8[]) ORDER BY 1
+            ON CONFLICT (digest) DO UPDATE SET seen = greatest(request_id.seen, excluded.seen)
+        )
+        UPDATE replica SET commits = commits + 1, last_commit = to_timestamp($14) WHERE instance = $1 RETURNING commits
+        """
+    typealias Row = Int64
+    var instance: String
+    var rows: PostgresLedger.Rows
+    var plain: (digests: [Int64], seen: [Int64])
+    var now: Int64
+
+    func makeBindings() throws -> PostgresBindings {
+        var bindings = PostgresBindings(capacity: 14)
+        bindings.append(self.instance)
+        bindings.append(self.rows.newIDs)
+        bindings.append(self.rows.newMetrics)
+        bindings.append(self.rows.newLabels)
+        bindings.append(self.rows.newUsers)
+        bindings.append(self.rows.newTotals)
+        bindings.append(self.rows.addIDs)
+        bindings.append(self.rows.addAmounts)
+        bindings.append(self.rows.hourIDs)
+        bindings.append(self.rows.hours)
+        bindings.append(self.rows.hourAmounts)
+        bindings.append(self.plain.digests)
+        bindings.append(self.plain.seen)
+        bindings.append(self.now)
+        return bindings
+    }
+
+    func decodeRow(_ row: PostgresRow) throws -> Row { try row.decode(Int64.self) }
 }
 
 private struct RestoreResult: Sendable {
