@@ -135,10 +135,11 @@ def test_a_message_over_4_mib_ends_its_stream(listener):
     huge = Request(response_body=ext_proc.HttpBody(body=b"x" * (4 << 20), end_of_stream=True))
     with pytest.raises(grpc.RpcError) as ended:
         list(listener.stub.Process(iter([STREAMED[0], huge]), timeout=10))
-    # grpc-swift's transport resets the stream (RST_STREAM) rather than sending a status.
-    assert ended.value.code() == grpc.StatusCode.CANCELLED
+    # Refused on its length prefix, before its bytes are taken.
+    assert (ended.value.code(), ended.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "a gRPC message over 4194304 bytes (4194316 announced)")
     [report] = listener.reports(1)
-    assert report["end"].startswith('protocolError("a gRPC message over 4194304 bytes or badly')
+    assert report["end"] == 'protocolError("a gRPC message over 4194304 bytes (4194316 announced)")'
     assert listener.metric('usage_tracking_ext_proc_errors_total{reason="invalid_message"}') == 1
     # A message just under the bound is taken.
     fits = Request(response_body=ext_proc.HttpBody(body=b"x" * ((4 << 20) - 16), end_of_stream=True))
@@ -339,6 +340,103 @@ async def _close(calls, links):
         call.cancel()
     for link in links:
         await link.close()
+
+
+async def _watch_state(link, states):
+    """Records every connectivity state `link` passes through: a GOAWAY takes it out of READY."""
+    state = link.get_state(try_to_connect=True)
+    states.append(state)
+    while True:
+        await link.wait_for_state_change(state)
+        state = link.get_state()
+        states.append(state)
+
+
+def _left_ready(states):
+    """The states after the first READY that are not READY: empty while the connection stayed."""
+    first = states.index(grpc.ChannelConnectivity.READY)
+    return [state for state in states[first:] if state != grpc.ChannelConnectivity.READY]
+
+
+def test_a_thousand_streams_cancelled_on_one_connection_leave_it_open(processor):
+    # Each client cancel is an RST_STREAM, as Envoy resets streams in ordinary traffic: HTTP/2's
+    # default flood guard (200 resets in 30 s) would close the connection with GOAWAY.
+    async def scenario():
+        link = aio.insecure_channel(f"127.0.0.1:{processor.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        stub = ext_proc_grpc.ExternalProcessorStub(link)
+        states = []
+        watcher = asyncio.ensure_future(_watch_state(link, states))
+        try:
+            messages = answer([json_answer('{"prompt_tokens":1,"completion_tokens":1}')])
+            for number in range(1000):
+                call = stub.Process(timeout=10)
+                for message in messages[:2]:  # request and response headers: mid-answer
+                    await call.write(message)
+                    await call.read()
+                call.cancel()
+            # A whole stream on the same connection still completes.
+            call = stub.Process(iter(messages), timeout=10)
+            replies = [reply async for reply in call]
+            await asyncio.sleep(0.2)
+            return len(replies), await call.code(), _left_ready(states)
+        finally:
+            watcher.cancel()
+            await link.close()
+    replies, code, left = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert (replies, code, left) == (3, grpc.StatusCode.OK, [])
+    samples = wait_for(processor, outcome("aborted"), 1000)
+    assert samples[outcome("aborted")] == 1000
+    assert wait_for(processor, outcome("counted"), 1)[outcome("counted")] == 1
+    assert samples["usage_tracking_ext_proc_streams_open"] == 0
+    assert_alive(processor)
+
+
+def test_streams_at_the_cap_on_one_connection_refuse_the_next_and_survive_their_resets():
+    running = ExtProc("--ext-proc-max-streams", "50")
+    rounds = 30
+    try:
+        async def scenario():
+            link = aio.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            stub = ext_proc_grpc.ExternalProcessorStub(link)
+            states = []
+            watcher = asyncio.ensure_future(_watch_state(link, states))
+            headers = answer([b""])[0]
+
+            async def one():
+                call = stub.Process(timeout=30)
+                try:
+                    await call.write(headers)
+                    await call.read()
+                    return call, None
+                except aio.AioRpcError as refused:
+                    return None, (refused.code(), refused.details())
+            results = []
+            try:
+                for _ in range(rounds):
+                    # One over the cap, all at once on this one connection: the server's HTTP/2
+                    # limit is one above the cap, so the last meets the cap, not a queue.
+                    calls = await asyncio.gather(*(one() for _ in range(51)))
+                    held = [call for call, _ in calls if call]
+                    refused = [problem for _, problem in calls if problem]
+                    results.append((len(held), refused))
+                    for call in held:
+                        call.cancel()  # 50 resets at once
+                    wait_for(running, "usage_tracking_ext_proc_streams_open", 0)
+                return results, _left_ready(states)
+            finally:
+                watcher.cancel()
+                await link.close()
+        results, left = asyncio.run(asyncio.wait_for(scenario(), 150))
+        refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED, "50 streams are open, the most --ext-proc-max-streams allows")
+        assert results == [(50, [refusal])] * rounds
+        assert left == []
+        samples = wait_for(running, outcome("aborted"), 50 * rounds)
+        assert samples[outcome("aborted")] == 50 * rounds
+        assert samples[error("over_capacity")] == rounds
+        assert samples["usage_tracking_ext_proc_streams_open"] == 0
+        assert_alive(running)
+    finally:
+        running.close()
 
 
 def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
