@@ -313,26 +313,35 @@ def test_garbage_bytes_instead_of_a_processing_request_end_the_stream(processor)
     assert wait_for(processor, outcome("counted"), 1)[outcome("counted")] == 1
 
 
-async def _open_streams(port, count, channels=1):
+async def _open_streams(running, count, channels=1):
     """Opens `count` streams (request headers only) spread over `channels` connections; returns
     (calls that were answered and are held open, the status codes of those refused, the channels)."""
     # A local subchannel pool each, or grpcio would share one connection among the channels.
-    links = [aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+    links = [aio.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(channels)]
     stubs = [ext_proc_grpc.ExternalProcessorStub(link) for link in links]
+
+    async def sent(queue):
+        while (message := await queue.get()) is not None:
+            yield message
+    calls = []
+    for index in range(count):
+        queue = asyncio.Queue()
+        calls.append((stubs[index % channels].Process(sent(queue), timeout=60), queue))
+    # A stream takes its place, or is refused, on its HTTP/2 head alone. No message is sent until
+    # the server has decided every one: a client write racing the refusal fails in grpcio with
+    # INTERNAL ("Failed execute_batch"), hiding the status the server sent.
+    deadline = time.time() + 40
+    while sum(call.done() for call, _ in calls) + series(running)["usage_tracking_ext_proc_streams_open"] != count:
+        assert time.time() < deadline, "the server did not take or refuse every stream"
+        await asyncio.sleep(0.05)
+    held = [(call, queue) for call, queue in calls if not call.done()]
     headers = answer([b""])[0]
-
-    async def one(index):
-        call = stubs[index % channels].Process(timeout=60)
-        try:
-            await call.write(headers)
-            await call.read()
-            return call, None
-        except aio.AioRpcError as refused:
-            return None, refused.code()
-
-    results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), 40)
-    return [call for call, _ in results if call], [code for _, code in results if code], links
+    for _, queue in held:
+        queue.put_nowait(headers)
+    await asyncio.wait_for(asyncio.gather(*(call.read() for call, _ in held)), 40)
+    refused = [await call.code() for call, _ in calls if call.done()]
+    return [call for call, _ in held], refused, links
 
 
 async def _close(calls, links):
@@ -450,7 +459,7 @@ def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
         async def scenario():
             # Six connections of ten: on one connection the client would queue streams past the
             # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS the server advertises, never sending them.
-            held, refused, links = await _open_streams(running.port, 60, channels=6)
+            held, refused, links = await _open_streams(running, 60, channels=6)
             try:
                 assert series(running)["usage_tracking_ext_proc_streams_open"] == 50
                 return len(held), refused
@@ -475,7 +484,7 @@ def test_memory_per_open_idle_stream(processor):
 
     async def scenario():
         before = rss_kib(processor)
-        held, refused, links = await _open_streams(processor.port, count, channels=4)
+        held, refused, links = await _open_streams(processor, count, channels=4)
         try:
             assert (len(held), refused) == (count, [])
             assert series(processor)["usage_tracking_ext_proc_streams_open"] == count
