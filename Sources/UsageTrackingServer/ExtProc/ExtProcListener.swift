@@ -13,13 +13,10 @@ final class ExtProcListener: Sendable {
     /// smaller; a larger message ends its stream as `invalid_message`.
     static let maxMessageBytes = 4 << 20
 
-    /// The address bound; with port 0, the port the OS chose.
-    let address: String
     private let listener: Channel
     private let connections: OpenConnections
 
-    private init(address: String, listener: Channel, connections: OpenConnections) {
-        self.address = address
+    private init(listener: Channel, connections: OpenConnections) {
         self.listener = listener
         self.connections = connections
     }
@@ -68,10 +65,11 @@ final class ExtProcListener: Sendable {
         } catch {
             throw ListenError(host: configuration.host, port: settings.port, underlying: error)
         }
+        // With port 0, the port the OS chose: the log is where tests and operators read it.
         let bound = listener.localAddress
         let address = "\(bound?.ipAddress ?? configuration.host):\(bound?.port ?? settings.port)"
         state.logger.info("listening ext_proc", metadata: ["address": "\(address)"])
-        return ExtProcListener(address: address, listener: listener, connections: connections)
+        return ExtProcListener(listener: listener, connections: connections)
     }
 
     /// HTTP/2's settings and flood guards, set for Envoy: few connections (one per worker), each
