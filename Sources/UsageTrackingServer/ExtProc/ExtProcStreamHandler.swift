@@ -11,9 +11,11 @@ import UsageTrackingCore
 /// replies, flushed once per read. The RPC ends with its trailers at the response's end, on a
 /// message that breaks the protocol, or after `idleTimeout` without a message; a stream that ends
 /// before (reset, closed, or the connection gone) is aborted. Every stream that took a place is
-/// handed to `report` exactly once, on the event loop.
-final class ExtProcStreamHandler: ChannelInboundHandler {
+/// handed to `report` exactly once, on the event loop. Replies the client leaves unread stop the
+/// reading of its messages, so HTTP/2's flow control holds it back instead of our buffers growing.
+final class ExtProcStreamHandler: ChannelDuplexHandler {
     typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
 
     /// The one method served.
@@ -46,6 +48,8 @@ final class ExtProcStreamHandler: ChannelInboundHandler {
     private var headSent = false
     private var reading = false
     private var flushPending = false
+    /// A read asked for while the stream could take no more writes (its replies not read).
+    private var readHeld = false
     private var lastMessage = NIODeadline.uptimeNanoseconds(0)
     private var idleCheck: Scheduled<Void>?
 
@@ -84,6 +88,22 @@ final class ExtProcStreamHandler: ChannelInboundHandler {
         self.writeReplies(context: context)
         self.flushIfPending(context: context)
         context.fireChannelReadComplete()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        guard context.channel.isWritable else {
+            self.readHeld = true
+            return
+        }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, self.readHeld {
+            self.readHeld = false
+            context.read()
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -258,6 +258,28 @@ import UsageTrackingCore
         #expect(harness.counters.streamsOpen == 0)
     }
 
+    /// A client that leaves its replies unread (the stream not writable) is read no further until
+    /// it takes them, so its messages wait in HTTP/2's flow control, not here.
+    @Test func unreadRepliesStopTheReading() throws {
+        let harness = ExtProcHarness()
+        let stream = try harness.stream()
+        let reads = ReadCounter()
+        try stream.channel.pipeline.syncOperations.addHandler(reads, position: .first)
+        try stream.open()
+        stream.channel.read()
+        #expect(reads.reads == 1)
+        stream.channel.isWritable = false
+        stream.channel.pipeline.fireChannelWritabilityChanged()
+        stream.channel.read()
+        stream.channel.read()
+        #expect(reads.reads == 1, "held while the replies are not taken")
+        stream.channel.isWritable = true
+        stream.channel.pipeline.fireChannelWritabilityChanged()
+        #expect(reads.reads == 2, "one read, once writable again")
+        stream.channel.read()
+        #expect(reads.reads == 3)
+    }
+
     /// The settings the listener runs HTTP/2 with (why each: `ExtProcListener.http2Configuration`).
     @Test func theHTTP2LimitsAreSetForEnvoy() {
         let (connection, stream) = ExtProcListener.http2Configuration(maxStreams: 10_000)
@@ -270,3 +292,4 @@ import UsageTrackingCore
         #expect(connection.maximumConnectionGlitches == Int(Int32.max))
     }
 }
+
