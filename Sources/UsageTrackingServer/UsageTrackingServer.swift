@@ -109,7 +109,6 @@ public final class UsageTrackingServer: Sendable {
         let extProc: ExtProcListener?
         do {
             extProc = try await ExtProcListener.start(state, group: group) { report in
-                logger.debug("ext_proc stream ended", metadata: report.logMetadata)
                 if let decoder = state.tokenDecoder { TokenCounting.count(report, state: state, decoder: decoder, on: group.next()) }
             }
         } catch {
@@ -200,7 +199,7 @@ struct ListenError: Error, CustomStringConvertible {
 }
 
 /// The connections currently open, so shutdown can ask each to finish and wait for them.
-private final class OpenConnections: Sendable {
+final class OpenConnections: Sendable {
     private let channels = Mutex<[ObjectIdentifier: Channel]>([:])
 
     func add(_ channel: Channel) {

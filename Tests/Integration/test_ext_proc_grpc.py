@@ -135,10 +135,11 @@ def test_a_message_over_4_mib_ends_its_stream(listener):
     huge = Request(response_body=ext_proc.HttpBody(body=b"x" * (4 << 20), end_of_stream=True))
     with pytest.raises(grpc.RpcError) as ended:
         list(listener.stub.Process(iter([STREAMED[0], huge]), timeout=10))
-    # grpc-swift's transport resets the stream (RST_STREAM) rather than sending a status.
-    assert ended.value.code() == grpc.StatusCode.CANCELLED
+    # Refused on its length prefix, before its bytes are taken.
+    assert (ended.value.code(), ended.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "a gRPC message over 4194304 bytes (4194316 announced)")
     [report] = listener.reports(1)
-    assert report["end"].startswith('protocolError("a gRPC message over 4194304 bytes or badly')
+    assert report["end"] == 'protocolError("a gRPC message over 4194304 bytes (4194316 announced)")'
     assert listener.metric('usage_tracking_ext_proc_errors_total{reason="invalid_message"}') == 1
     # A message just under the bound is taken.
     fits = Request(response_body=ext_proc.HttpBody(body=b"x" * ((4 << 20) - 16), end_of_stream=True))
@@ -312,26 +313,35 @@ def test_garbage_bytes_instead_of_a_processing_request_end_the_stream(processor)
     assert wait_for(processor, outcome("counted"), 1)[outcome("counted")] == 1
 
 
-async def _open_streams(port, count, channels=1):
+async def _open_streams(running, count, channels=1):
     """Opens `count` streams (request headers only) spread over `channels` connections; returns
     (calls that were answered and are held open, the status codes of those refused, the channels)."""
     # A local subchannel pool each, or grpcio would share one connection among the channels.
-    links = [aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+    links = [aio.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(channels)]
     stubs = [ext_proc_grpc.ExternalProcessorStub(link) for link in links]
+
+    async def sent(queue):
+        while (message := await queue.get()) is not None:
+            yield message
+    calls = []
+    for index in range(count):
+        queue = asyncio.Queue()
+        calls.append((stubs[index % channels].Process(sent(queue), timeout=60), queue))
+    # A stream takes its place, or is refused, on its HTTP/2 head alone. No message is sent until
+    # the server has decided every one: a client write racing the refusal fails in grpcio with
+    # INTERNAL ("Failed execute_batch"), hiding the status the server sent.
+    deadline = time.time() + 40
+    while sum(call.done() for call, _ in calls) + series(running)["usage_tracking_ext_proc_streams_open"] != count:
+        assert time.time() < deadline, "the server did not take or refuse every stream"
+        await asyncio.sleep(0.05)
+    held = [(call, queue) for call, queue in calls if not call.done()]
     headers = answer([b""])[0]
-
-    async def one(index):
-        call = stubs[index % channels].Process(timeout=60)
-        try:
-            await call.write(headers)
-            await call.read()
-            return call, None
-        except aio.AioRpcError as refused:
-            return None, refused.code()
-
-    results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), 40)
-    return [call for call, _ in results if call], [code for _, code in results if code], links
+    for _, queue in held:
+        queue.put_nowait(headers)
+    await asyncio.wait_for(asyncio.gather(*(call.read() for call, _ in held)), 40)
+    refused = [await call.code() for call, _ in calls if call.done()]
+    return [call for call, _ in held], refused, links
 
 
 async def _close(calls, links):
@@ -341,13 +351,115 @@ async def _close(calls, links):
         await link.close()
 
 
+async def _watch_state(link, states):
+    """Records every connectivity state `link` passes through: a GOAWAY takes it out of READY."""
+    state = link.get_state(try_to_connect=True)
+    states.append(state)
+    while True:
+        await link.wait_for_state_change(state)
+        state = link.get_state()
+        states.append(state)
+
+
+def _left_ready(states):
+    """The states after the first READY that are not READY: empty while the connection stayed."""
+    first = states.index(grpc.ChannelConnectivity.READY)
+    return [state for state in states[first:] if state != grpc.ChannelConnectivity.READY]
+
+
+def test_a_thousand_streams_cancelled_on_one_connection_leave_it_open(processor):
+    # Each client cancel is an RST_STREAM, as Envoy resets streams in ordinary traffic: HTTP/2's
+    # default flood guard (200 resets in 30 s) would close the connection with GOAWAY.
+    async def scenario():
+        link = aio.insecure_channel(f"127.0.0.1:{processor.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        stub = ext_proc_grpc.ExternalProcessorStub(link)
+        states = []
+        watcher = asyncio.ensure_future(_watch_state(link, states))
+        try:
+            messages = answer([json_answer('{"prompt_tokens":1,"completion_tokens":1}')])
+            for number in range(1000):
+                call = stub.Process(timeout=10)
+                for message in messages[:2]:  # request and response headers: mid-answer
+                    await call.write(message)
+                    await call.read()
+                call.cancel()
+            # A whole stream on the same connection still completes.
+            call = stub.Process(iter(messages), timeout=10)
+            replies = [reply async for reply in call]
+            await asyncio.sleep(0.2)
+            return len(replies), await call.code(), _left_ready(states)
+        finally:
+            watcher.cancel()
+            await link.close()
+    replies, code, left = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert (replies, code, left) == (3, grpc.StatusCode.OK, [])
+    samples = wait_for(processor, outcome("aborted"), 1000)
+    assert samples[outcome("aborted")] == 1000
+    assert wait_for(processor, outcome("counted"), 1)[outcome("counted")] == 1
+    assert samples["usage_tracking_ext_proc_streams_open"] == 0
+    assert_alive(processor)
+
+
+def test_streams_at_the_cap_on_one_connection_refuse_the_next_and_survive_their_resets():
+    running = ExtProc("--ext-proc-max-streams", "50")
+    rounds = 30
+    try:
+        async def scenario():
+            link = aio.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            stub = ext_proc_grpc.ExternalProcessorStub(link)
+            states = []
+            watcher = asyncio.ensure_future(_watch_state(link, states))
+            headers = answer([b""])[0]
+
+            async def held():
+                call = stub.Process(timeout=30)
+                await call.write(headers)
+                await call.read()
+                return call
+
+            async def nothing_until_cancelled():
+                await asyncio.Event().wait()
+                yield headers
+            results = []
+            try:
+                for _ in range(rounds):
+                    calls = await asyncio.gather(*(held() for _ in range(50)))
+                    # One more on this connection: the server's HTTP/2 limit is one above the cap,
+                    # so it meets the cap's refusal, not a queue. It sends no message: a client
+                    # write racing the refusal fails in grpcio with INTERNAL, hiding the status.
+                    extra = stub.Process(nothing_until_cancelled(), timeout=30)
+                    try:
+                        await extra.read()
+                        results.append("answered")
+                    except aio.AioRpcError as refused:
+                        results.append((refused.code(), refused.details()))
+                    for call in calls:
+                        call.cancel()  # 50 resets at once
+                    wait_for(running, "usage_tracking_ext_proc_streams_open", 0)
+                return results, _left_ready(states)
+            finally:
+                watcher.cancel()
+                await link.close()
+        results, left = asyncio.run(asyncio.wait_for(scenario(), 150))
+        refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED, "50 streams are open, the most --ext-proc-max-streams allows")
+        assert results == [refusal] * rounds
+        assert left == []
+        samples = wait_for(running, outcome("aborted"), 50 * rounds)
+        assert samples[outcome("aborted")] == 50 * rounds
+        assert samples[error("over_capacity")] == rounds
+        assert samples["usage_tracking_ext_proc_streams_open"] == 0
+        assert_alive(running)
+    finally:
+        running.close()
+
+
 def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
     running = ExtProc("--ext-proc-max-streams", "50")
     try:
         async def scenario():
             # Six connections of ten: on one connection the client would queue streams past the
             # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS the server advertises, never sending them.
-            held, refused, links = await _open_streams(running.port, 60, channels=6)
+            held, refused, links = await _open_streams(running, 60, channels=6)
             try:
                 assert series(running)["usage_tracking_ext_proc_streams_open"] == 50
                 return len(held), refused
@@ -372,7 +484,7 @@ def test_memory_per_open_idle_stream(processor):
 
     async def scenario():
         before = rss_kib(processor)
-        held, refused, links = await _open_streams(processor.port, count, channels=4)
+        held, refused, links = await _open_streams(processor, count, channels=4)
         try:
             assert (len(held), refused) == (count, [])
             assert series(processor)["usage_tracking_ext_proc_streams_open"] == count

@@ -4,7 +4,7 @@ import UsageTrackingCore
 /// One ext_proc stream, that is one HTTP exchange: the phase it is in, the identity from the
 /// request headers, and the answer reader that the response head and body go through. `receive`
 /// takes each message in turn and says what to answer; nothing of a message is kept beyond the
-/// values below (body chunks go straight to the reader). Used from one task.
+/// values below (body chunks go straight to the reader). Used on one event loop.
 struct ExtProcStream {
     typealias Request = Envoy_Service_ExtProc_V3_ProcessingRequest
     typealias Response = Envoy_Service_ExtProc_V3_ProcessingResponse

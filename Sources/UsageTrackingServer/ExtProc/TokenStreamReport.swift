@@ -1,4 +1,3 @@
-import Logging
 import UsageTrackingCore
 
 /// What one ext_proc stream saw of an HTTP exchange, handed to the counting layer once the
@@ -27,17 +26,6 @@ public struct TokenStreamReport: Sendable, Equatable {
     public var identityProblem: String?
     public var reading: AnswerReading
     public var end: End
-
-    /// For the debug log: what the client chose, cut to `ClientText.echoedBytes`.
-    var logMetadata: Logger.Metadata {
-        func cut(_ text: String?) -> Logger.Metadata.Value { .string(text?.truncated(toUTF8Bytes: ClientText.echoedBytes) ?? "") }
-        var metadata: Logger.Metadata = [
-            "request_id": cut(self.requestID), "identity_problem": cut(self.identityProblem), "reading": cut("\(self.reading)"),
-            "end": cut("\(self.end)"),
-        ]
-        for (name, value) in zip(self.headerNames, self.headers) { metadata[name] = cut(value) }
-        return metadata
-    }
 
     /// A label header's value by name.
     public subscript(header name: String) -> String? {

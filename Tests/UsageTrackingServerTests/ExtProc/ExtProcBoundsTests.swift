@@ -1,6 +1,5 @@
 import EnvoyExternalProcessing
 import Foundation
-import GRPCCore
 import Testing
 import UsageTrackingCore
 
@@ -9,55 +8,80 @@ import UsageTrackingCore
 /// Every bound of the ext_proc listener, and what breaking it costs: the outcome, the status
 /// Envoy sees and the counter.
 @Suite struct ExtProcBoundsTests {
-    typealias Head = ExtProcServiceTests
+    typealias Head = ExtProcStreamHandlerTests
 
-    @Test func aStreamOverTheCapIsRefusedAtOnceAndCounted() async throws {
-        var harness = ExtProcHarness()
+    @Test func aStreamOverTheCapIsRefusedAtOnceAndCounted() throws {
+        let harness = ExtProcHarness()
         harness.settings.maxStreams = 1
-        let counters = harness.counters
-        let refused = try await harness.run { client in
-            let firstIsOpen = Gate()
-            let release = Gate()
-            async let first = client.exchange([try Envoy.requestHeaders(Head.identity).serializedBytes()], holdOpen: release) { _ in firstIsOpen.open() }
-            await firstIsOpen.wait()
-            #expect(counters.streamsOpen == 1)
-            let second = try await client.exchange([try Envoy.requestHeaders(Head.identity).serializedBytes()])
-            release.open()
-            #expect(try await first.error == nil)
-            return second
-        }
+        let first = try harness.stream()
+        try first.open()
+        try first.send(Envoy.requestHeaders(Head.identity))
+        #expect(harness.counters.streamsOpen == 1)
+        let second = try harness.stream()
+        try second.open()
+        let refused = try second.answer()
+        #expect(refused.head == nil, "a trailers-only answer")
+        #expect(refused.trailers?.first(name: ":status") == "200")
+        #expect(refused.trailers?.first(name: "content-type") == "application/grpc")
         #expect(refused.replies.isEmpty)
-        #expect(refused.error?.code == .resourceExhausted)
-        #expect(refused.error?.message == "1 streams are open, the most --ext-proc-max-streams allows")
-        #expect(counters.count(of: .overCapacity) == 1)
-        #expect(counters.streamsOpen == 0)
-        #expect(harness.reports.all.count == 1, "only the stream that was served is reported")
+        #expect(refused.status == 8)
+        #expect(refused.message == "1 streams are open, the most --ext-proc-max-streams allows")
+        #expect(harness.counters.count(of: .overCapacity) == 1)
+        // The refused stream's messages are not read: it holds nothing.
+        try second.send(Envoy.requestHeaders(Head.identity))
+        try second.end()
+        #expect(try second.written().isEmpty)
+        try first.end()
+        #expect(try first.answer().status == 0)
+        #expect(harness.counters.streamsOpen == 0)
+        #expect(harness.reports.count == 1, "only the stream that was served is reported")
+        // The place given back is free again.
+        #expect(try harness.exchange([Envoy.requestHeaders(Head.identity)]).0.status == 0)
     }
 
-    @Test func aSilentStreamEndsAfterTheIdleTimeout() async throws {
-        var harness = ExtProcHarness()
-        harness.settings.idleTimeout = .milliseconds(200)
-        let exchange = try await harness.run { client in
-            try await client.exchange([try Envoy.requestHeaders(Head.identity).serializedBytes()], holdOpen: Gate())
-        }
-        #expect(exchange.replies == [.requestHeaders(.init())])
-        #expect(exchange.error?.code == .deadlineExceeded)
-        #expect(harness.reports.all.map(\.end) == [.idleTimeout])
-        #expect(harness.reports.all.first?[header: "x-usage-user"] == "alice")
+    @Test func aSilentStreamEndsAfterTheIdleTimeout() throws {
+        let harness = ExtProcHarness()
+        let stream = try harness.stream()
+        try stream.open()
+        try stream.send(Envoy.requestHeaders(Head.identity))
+        #expect(try stream.answer().replies == [.requestHeaders(.init())])
+        stream.channel.embeddedEventLoop.advanceTime(by: .seconds(200))
+        try stream.send(Envoy.requestBody("{}", endOfStream: true))
+        // 300 s after the head, but only 100 s after the last message: still open.
+        stream.channel.embeddedEventLoop.advanceTime(by: .seconds(100))
+        #expect(harness.reports.isEmpty)
+        #expect(try stream.written().count == 1, "the request body's reply, no trailers")
+        stream.channel.embeddedEventLoop.advanceTime(by: .seconds(199))
+        #expect(harness.reports.isEmpty)
+        stream.channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        let answer = try stream.answer()
+        #expect(answer.replies.isEmpty)
+        #expect(answer.status == 4)
+        #expect(answer.message == "no message for 300 s (--ext-proc-idle-timeout)")
+        #expect(harness.reports.map(\.end) == [.idleTimeout])
+        #expect(harness.reports.first?[header: "x-usage-user"] == "alice")
         #expect(harness.counters.count(of: .idleTimeout) == 1)
         #expect(harness.counters.streamsOpen == 0)
+        // What comes after is not read.
+        try stream.send(Envoy.responseHeaders(Head.answerHead))
+        #expect(try stream.written().isEmpty)
+        #expect(harness.reports.count == 1)
     }
 
-    @Test func aStreamSilentAfterTheResponseEndIsStillComplete() async throws {
-        var harness = ExtProcHarness()
-        harness.settings.idleTimeout = .milliseconds(200)
-        let messages = [Envoy.requestHeaders(Head.identity), Envoy.responseHeaders(Head.answerHead, endOfStream: true)]
-        let exchange = try await harness.run { client in
-            try await client.exchange(try messages.map { try $0.serializedBytes() }, holdOpen: Gate())
-        }
-        #expect(exchange.error == nil)
-        #expect(harness.reports.all.map(\.end) == [.complete])
+    @Test func aStreamSilentAfterTheResponseEndIsStillComplete() throws {
+        let harness = ExtProcHarness()
+        harness.settings.idleTimeout = .seconds(1)
+        let stream = try harness.stream()
+        try stream.open()
+        try stream.send(Envoy.requestHeaders(Head.identity))
+        try stream.send(Envoy.responseHeaders(Head.answerHead, endOfStream: true))
+        stream.channel.embeddedEventLoop.advanceTime(by: .seconds(10))
+        let answer = try stream.answer()
+        #expect(answer.status == 0)
+        #expect(answer.message == nil)
+        #expect(harness.reports.map(\.end) == [.complete])
         #expect(harness.counters.count(of: .idleTimeout) == 0)
+        #expect(harness.counters.streamsOpen == 0)
     }
 
     /// At the response's end the RPC ends with OK and the stream is reported complete: what Envoy
@@ -66,13 +90,13 @@ import UsageTrackingCore
         [Envoy.requestHeaders(Head.identity), Envoy.responseBody("{}", endOfStream: true), Envoy.responseBody("{}", endOfStream: true)],
         [Envoy.requestHeaders(Head.identity), Envoy.responseHeaders(Head.answerHead, endOfStream: true), Envoy.requestBody("", endOfStream: true)],
     ])
-    func theRPCEndsAtTheResponsesEnd(messages: [ProcessingRequest]) async throws {
+    func theRPCEndsAtTheResponsesEnd(messages: [ProcessingRequest]) throws {
         let harness = ExtProcHarness()
-        let (exchange, report) = try await harness.exchange(messages)
-        #expect(exchange.error == nil)
+        let (exchange, report) = try harness.exchange(messages)
+        #expect(exchange.status == 0)
         #expect(exchange.replies.count == 2)
         #expect(report?.end == .complete)
-        #expect(harness.reports.all.count == 1)
+        #expect(harness.reports.count == 1)
         #expect(harness.counters.count(of: .outOfOrder) == 0)
     }
 
@@ -81,59 +105,64 @@ import UsageTrackingCore
         ([Envoy.responseHeaders(Head.answerHead), Envoy.responseHeaders(Head.answerHead)], "response_headers given twice", 1),
         ([Envoy.responseBody("{", endOfStream: false), Envoy.responseHeaders(Head.answerHead)], "response_headers after the response body", 1),
     ])
-    func aPhaseOutOfOrderEndsTheStream(messages: [ProcessingRequest], problem: String, answered: Int) async throws {
+    func aPhaseOutOfOrderEndsTheStream(messages: [ProcessingRequest], problem: String, answered: Int) throws {
         let harness = ExtProcHarness()
-        let (exchange, report) = try await harness.exchange(messages)
+        let (exchange, report) = try harness.exchange(messages)
         #expect(exchange.replies.count == answered, "every message before it is answered")
-        #expect(exchange.error?.code == .invalidArgument)
-        #expect(exchange.error?.message == problem)
+        #expect(exchange.status == 3)
+        #expect(exchange.message == problem)
         #expect(report?.end == .protocolError(problem))
         #expect(harness.counters.count(of: .outOfOrder) == 1)
     }
 
-    @Test func bytesThatAreNotAProcessingRequestEndTheStream() async throws {
+    @Test func bytesThatAreNotAProcessingRequestEndTheStream() throws {
         let harness = ExtProcHarness()
-        let headers = try Envoy.requestHeaders(Head.identity).serializedBytes() as [UInt8]
+        let stream = try harness.stream()
+        try stream.open()
+        try stream.send(Envoy.requestHeaders(Head.identity))
         // A length-delimited field whose length runs past the end of the message.
-        let exchange = try await harness.run { try await $0.exchange([headers, [0x12, 0x7f, 0x01]]) }
+        try stream.data(Grpc.prefix(length: 3) + [0x12, 0x7f, 0x01])
+        let exchange = try stream.answer()
         #expect(exchange.replies == [.requestHeaders(.init())])
-        #expect(exchange.error?.code == .invalidArgument)
-        #expect(harness.reports.all.map(\.end) == [.protocolError("a message that is not a ProcessingRequest")])
-        #expect(harness.reports.all.first?[header: "x-usage-user"] == "alice", "what was read before is kept")
+        #expect(exchange.status == 3)
+        #expect(exchange.message == "Can't deserialize to message of type Envoy_Service_ExtProc_V3_ProcessingRequest.")
+        #expect(harness.reports.map(\.end) == [.protocolError("a message that is not a ProcessingRequest")])
+        #expect(harness.reports.first?[header: "x-usage-user"] == "alice", "what was read before is kept")
         #expect(harness.counters.count(of: .invalidMessage) == 1)
     }
 
-    @Test func aMessageWithNoPhaseEndsTheStream() async throws {
+    @Test func aMessageWithNoPhaseEndsTheStream() throws {
         let harness = ExtProcHarness()
-        let (exchange, report) = try await harness.exchange([ProcessingRequest.with { $0.observabilityMode = true }])
-        #expect(exchange.error?.message == "a ProcessingRequest with no phase set")
+        let (exchange, report) = try harness.exchange([ProcessingRequest.with { $0.observabilityMode = true }])
+        #expect(exchange.status == 3)
+        #expect(exchange.message == "a ProcessingRequest with no phase set")
         #expect(report?.end == .protocolError("a ProcessingRequest with no phase set"))
         #expect(harness.counters.count(of: .invalidMessage) == 1)
     }
 
-    @Test func identityValuesAreBoundedByTheLabelLimit() async throws {
-        var harness = ExtProcHarness()
+    @Test func identityValuesAreBoundedByTheLabelLimit() throws {
+        let harness = ExtProcHarness()
         harness.maxValueBytes = 8
         let end = Envoy.responseHeaders([(":status", "200")], endOfStream: true)
-        func identity(_ headers: [(String, String)]) async throws -> TokenStreamReport? {
-            try await harness.exchange([Envoy.requestHeaders(headers), end]).1
+        func identity(_ headers: [(String, String)]) throws -> TokenStreamReport? {
+            try harness.exchange([Envoy.requestHeaders(headers), end]).1
         }
-        let atTheLimit = try await identity([("x-usage-user", "12345678"), (":path", "/v1/chat?a-long-query-is-not-kept")])
+        let atTheLimit = try identity([("x-usage-user", "12345678"), (":path", "/v1/chat?a-long-query-is-not-kept")])
         #expect(atTheLimit?[header: "x-usage-user"] == "12345678")
         #expect(atTheLimit?[header: ":path"] == "/v1/chat")
         #expect(atTheLimit?.identityProblem == nil)
-        let over = try await identity([("x-usage-user", "123456789")])
+        let over = try identity([("x-usage-user", "123456789")])
         #expect(over?.identityProblem == "x-usage-user: 9 bytes; the limit is 8")
         #expect(over?[header: "x-usage-user"] == nil)
-        #expect(try await identity([("x-request-id", String(repeating: "r", count: 9))])?.identityProblem == "x-request-id: 9 bytes; the limit is 8")
-        #expect(try await identity([(":path", "/v1/chats")])?.identityProblem == ":path: 9 bytes; the limit is 8")
-        #expect(try await identity([("x-usage-groups", "a"), ("x-usage-groups", "b")])?.identityProblem == "x-usage-groups: given more than once")
+        #expect(try identity([("x-request-id", String(repeating: "r", count: 9))])?.identityProblem == "x-request-id: 9 bytes; the limit is 8")
+        #expect(try identity([(":path", "/v1/chats")])?.identityProblem == ":path: 9 bytes; the limit is 8")
+        #expect(try identity([("x-usage-groups", "a"), ("x-usage-groups", "b")])?.identityProblem == "x-usage-groups: given more than once")
         var notUTF8 = Envoy.requestHeaders([])
         notUTF8.requestHeaders.headers.headers = [.with { $0.key = "x-usage-user"; $0.rawValue = Data([0x61, 0xff]) }]
-        #expect(try await harness.exchange([notUTF8, end]).1?.identityProblem == "x-usage-user: not valid UTF-8")
+        #expect(try harness.exchange([notUTF8, end]).1?.identityProblem == "x-usage-user: not valid UTF-8")
     }
 
-    @Test func anUnusableResponseHeadMakesTheAnswerUnreadable() async throws {
+    @Test func anUnusableResponseHeadMakesTheAnswerUnreadable() throws {
         let long = String(repeating: "x", count: ExtProcStream.maxResponseHeaderBytes + 1)
         for (head, problem) in [
             ([(":status", "200"), ("content-type", long)], "content-type: 257 bytes; the limit is 256"),
@@ -141,8 +170,8 @@ import UsageTrackingCore
             ([(":status", "200"), ("content-encoding", "gzip"), ("content-encoding", "br")], "content-encoding: given more than once"),
         ] {
             let messages = [Envoy.requestHeaders(Head.identity), Envoy.responseHeaders(head), Envoy.responseBody(Head.answer.joined(), endOfStream: true)]
-            let (exchange, report) = try await ExtProcHarness().exchange(messages)
-            #expect(exchange.error == nil, "Envoy is answered as ever")
+            let (exchange, report) = try ExtProcHarness().exchange(messages)
+            #expect(exchange.status == 0, "Envoy is answered as ever")
             #expect(report?.reading == .unreadable(problem))
             #expect(report?.end == .complete)
         }

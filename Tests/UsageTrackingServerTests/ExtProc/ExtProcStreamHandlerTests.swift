@@ -1,13 +1,12 @@
 import EnvoyExternalProcessing
 import Foundation
-import GRPCCore
 import Testing
 import UsageTrackingCore
 
 @testable import UsageTrackingServer
 
 /// What Envoy sees in reply, and what the counting layer is handed, for each processing mode.
-@Suite struct ExtProcServiceTests {
+@Suite struct ExtProcStreamHandlerTests {
     static let identity = [
         (":method", "POST"), (":path", "/v1/chat/completions?api-version=1"), ("x-usage-user", "alice"),
         ("x-usage-groups", "premium"), ("x-request-id", "7f1c2a"), ("content-type", "application/json"),
@@ -39,31 +38,31 @@ import UsageTrackingCore
         Envoy.responseBody("", endOfStream: true),
     ]
 
-    @Test func streamedBodyIsAnsweredPhaseByPhase() async throws {
-        let (exchange, report) = try await ExtProcHarness().exchange(Self.streamed)
-        #expect(exchange.error == nil)
+    @Test func streamedBodyIsAnsweredPhaseByPhase() throws {
+        let (exchange, report) = try ExtProcHarness().exchange(Self.streamed)
+        #expect(exchange.status == 0)
         #expect(exchange.replies == [.requestHeaders(.init()), .responseHeaders(.init()), .responseBody(.init()), .responseBody(.init()), .responseBody(.init())])
         #expect(report == Self.expectedReport(reading: Self.reading([Self.answer[0], Self.answer[1], ""])))
     }
 
-    @Test func bufferedBodiesAreOneChunkEach() async throws {
+    @Test func bufferedBodiesAreOneChunkEach() throws {
         let messages = [
             Envoy.requestHeaders(Self.identity), Envoy.requestBody(#"{"model":"m"}"#, endOfStream: true),
             Envoy.responseHeaders(Self.answerHead), Envoy.responseBody(Self.answer.joined(), endOfStream: true),
         ]
-        let (exchange, report) = try await ExtProcHarness().exchange(messages)
-        #expect(exchange.error == nil)
+        let (exchange, report) = try ExtProcHarness().exchange(messages)
+        #expect(exchange.status == 0)
         #expect(exchange.replies == [.requestHeaders(.init()), .requestBody(.init()), .responseHeaders(.init()), .responseBody(.init())])
         #expect(report == Self.expectedReport(reading: Self.reading([Self.answer.joined()])))
     }
 
-    @Test func trailersAreAnsweredAndEndTheResponse() async throws {
+    @Test func trailersAreAnsweredAndEndTheResponse() throws {
         let messages = [
             Envoy.requestHeaders(Self.identity), Envoy.requestBody("{}", endOfStream: false), Envoy.requestTrailers,
             Envoy.responseHeaders(Self.answerHead), Envoy.responseBody(Self.answer.joined(), endOfStream: false), Envoy.responseTrailers,
         ]
-        let (exchange, report) = try await ExtProcHarness().exchange(messages)
-        #expect(exchange.error == nil)
+        let (exchange, report) = try ExtProcHarness().exchange(messages)
+        #expect(exchange.status == 0)
         #expect(exchange.replies == [
             .requestHeaders(.init()), .requestBody(.init()), .requestTrailers(.init()), .responseHeaders(.init()), .responseBody(.init()),
             .responseTrailers(.init()),
@@ -71,16 +70,16 @@ import UsageTrackingCore
         #expect(report?.end == .complete)
     }
 
-    @Test func withoutResponseHeadersTheReaderSniffsTheBody() async throws {
+    @Test func withoutResponseHeadersTheReaderSniffsTheBody() throws {
         let messages = [Envoy.requestHeaders(Self.identity), Envoy.responseBody(Self.answer.joined(), endOfStream: true)]
-        let (exchange, report) = try await ExtProcHarness().exchange(messages)
+        let (exchange, report) = try ExtProcHarness().exchange(messages)
         #expect(exchange.replies == [.requestHeaders(.init()), .responseBody(.init())])
         #expect(report == Self.expectedReport(reading: Self.reading(status: nil, [Self.answer.joined()])))
     }
 
-    @Test func withoutRequestHeadersThereIsNoIdentity() async throws {
+    @Test func withoutRequestHeadersThereIsNoIdentity() throws {
         let messages = [Envoy.responseHeaders(Self.answerHead), Envoy.responseBody(Self.answer.joined(), endOfStream: true)]
-        let (exchange, report) = try await ExtProcHarness().exchange(messages)
+        let (exchange, report) = try ExtProcHarness().exchange(messages)
         #expect(exchange.replies == [.responseHeaders(.init()), .responseBody(.init())])
         #expect(report == TokenStreamReport(
             headerNames: Self.labelHeaders, headers: [nil, nil, nil], requestID: nil, identityProblem: nil, reading: Self.reading([Self.answer.joined()]),
@@ -88,33 +87,33 @@ import UsageTrackingCore
         ))
     }
 
-    @Test func aResponseWithoutBodyEndsWithItsHeaders() async throws {
+    @Test func aResponseWithoutBodyEndsWithItsHeaders() throws {
         let messages = [Envoy.requestHeaders(Self.identity), Envoy.responseHeaders([(":status", "204")], endOfStream: true)]
-        let (exchange, report) = try await ExtProcHarness().exchange(messages)
+        let (exchange, report) = try ExtProcHarness().exchange(messages)
         #expect(exchange.replies == [.requestHeaders(.init()), .responseHeaders(.init())])
         #expect(report == Self.expectedReport(reading: Self.reading(status: 204, contentType: nil, encoding: nil, []), end: .complete))
     }
 
-    @Test func observabilityModeIsNeverAnswered() async throws {
-        let (exchange, report) = try await ExtProcHarness().exchange(Envoy.observing(Self.streamed))
-        #expect(exchange.error == nil)
+    @Test func observabilityModeIsNeverAnswered() throws {
+        let (exchange, report) = try ExtProcHarness().exchange(Envoy.observing(Self.streamed))
+        #expect(exchange.status == 0)
         #expect(exchange.replies.isEmpty)
         #expect(report == Self.expectedReport(reading: Self.reading([Self.answer[0], Self.answer[1], ""])))
     }
 
-    @Test func aStreamClosedBeforeTheResponseEndIsAborted() async throws {
+    @Test func aStreamClosedBeforeTheResponseEndIsAborted() throws {
         let messages = [Envoy.requestHeaders(Self.identity), Envoy.responseHeaders(Self.answerHead), Envoy.responseBody(Self.answer[0], endOfStream: false)]
-        let (exchange, report) = try await ExtProcHarness().exchange(messages)
-        #expect(exchange.error == nil)
+        let (exchange, report) = try ExtProcHarness().exchange(messages)
+        #expect(exchange.status == 0)
         #expect(exchange.replies.count == 3)
         #expect(report == Self.expectedReport(reading: Self.reading([Self.answer[0]]), end: .aborted))
     }
 
-    @Test func headerValuesComeFromRawValueOrElseValue() async throws {
+    @Test func headerValuesComeFromRawValueOrElseValue() throws {
         var headers = Envoy.requestHeaders([(":path", "/v1/completions")])
         headers.requestHeaders.headers.headers.append(.with { $0.key = "x-usage-user"; $0.value = "bob" })
         headers.requestHeaders.headers.headers.append(.with { $0.key = "x-usage-groups"; $0.value = "ignored"; $0.rawValue = Data("free".utf8) })
-        let (_, report) = try await ExtProcHarness().exchange([headers, Envoy.responseHeaders([(":status", "200")], endOfStream: true)])
+        let (_, report) = try ExtProcHarness().exchange([headers, Envoy.responseHeaders([(":status", "200")], endOfStream: true)])
         #expect(report?[header: "x-usage-user"] == "bob")
         #expect(report?[header: "x-usage-groups"] == "free")
         #expect(report?[header: ":path"] == "/v1/completions")
