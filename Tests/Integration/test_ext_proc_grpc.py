@@ -668,3 +668,33 @@ def test_a_stream_without_a_believable_identity_is_no_identity():
         assert {key for key in samples if key.startswith("llm_tokens_total{")} == {tokens("u" * 24, "input"), tokens("u" * 24, "output")}
     finally:
         running.close()
+
+
+def test_ext_proc_connections_beyond_max_connections_wait_until_one_closes():
+    """Each HTTP/2 connection holds its own state, so the ext_proc port is capped like the HTTP
+    one: beyond --max-connections a connection waits in the backlog, unanswered."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
+
+    def settings_frame(sock):
+        head = sock.recv(9)
+        return len(head) == 9 and head[3] == 4  # the server's SETTINGS
+
+    running = ExtProc("--max-connections", "2")
+    try:
+        held = [socket.create_connection(("127.0.0.1", running.port), timeout=5) for _ in range(2)]
+        for sock in held:
+            sock.sendall(preface)
+            assert settings_frame(sock)
+        waiting = socket.create_connection(("127.0.0.1", running.port), timeout=5)
+        waiting.settimeout(1)
+        waiting.sendall(preface)
+        with pytest.raises(socket.timeout):
+            waiting.recv(1)
+        held.pop().close()
+        waiting.settimeout(5)
+        assert settings_frame(waiting)
+        for sock in [*held, waiting]:
+            sock.close()
+        assert_alive(running)
+    finally:
+        running.close()
