@@ -496,7 +496,8 @@ def test_memory_per_open_idle_stream(processor):
     per_stream = (during - before) / count
     print(f"\nRSS {before} KiB before, {during} KiB with {count} open idle streams: {per_stream:.1f} KiB per stream "
           f"({time.time() - started:.1f} s)")
-    assert per_stream < 64
+    # About 6 KiB measured (5.8 release, 6.5 debug); the bound leaves room for the allocator.
+    assert per_stream < 16
     assert wait_for(processor, "usage_tracking_ext_proc_streams_open", 0)["usage_tracking_ext_proc_streams_open"] == 0
     assert_alive(processor)
 
