@@ -86,13 +86,7 @@ public final class UsageTrackingServer: Sendable {
             listener = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .serverChannelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(
-                            ConnectionLimiter(maxConnections: configuration.maxConnections, logger: logger)
-                        )
-                    }
-                }
+                .limitingConnections(to: configuration.maxConnections, logger: logger)
                 .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
                 // Bounds what one read cycle can bring in while replies are held back (4 x 64 KiB).
                 .childChannelOption(.maxMessagesPerRead, value: 4)

@@ -180,17 +180,7 @@ public struct UsageQuery: Sendable, Hashable {
     }
 
     /// Unix seconds as RFC 3339 UTC, `2026-12-01T00:00:00Z`.
-    static func format(_ time: Int64) -> String {
-        var seconds = time_t(time)
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
-        func pad(_ value: Int32, _ width: Int) -> String {
-            let digits = String(value)
-            return String(repeating: "0", count: max(0, width - digits.count)) + digits
-        }
-        return "\(pad(parts.tm_year + 1900, 4))-\(pad(parts.tm_mon + 1, 2))-\(pad(parts.tm_mday, 2))T"
-            + "\(pad(parts.tm_hour, 2)):\(pad(parts.tm_min, 2)):\(pad(parts.tm_sec, 2))Z"
-    }
+    static func format(_ time: Int64) -> String { rfc3339(unixSeconds: time) }
 }
 
 /// Why a `/usage` question cannot be answered, every reason at once.

@@ -42,13 +42,7 @@ final class ExtProcListener: Sendable {
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 // Each connection holds its HTTP/2 state (about 160 KB with the limits above), so
                 // they are capped as the HTTP listener's are (--max-connections).
-                .serverChannelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(
-                            ConnectionLimiter(maxConnections: configuration.maxConnections, logger: state.logger)
-                        )
-                    }
-                }
+                .limitingConnections(to: configuration.maxConnections, logger: state.logger)
                 .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
                 .childChannelInitializer { channel in
                     connections.add(channel)

@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import NIOPosix
 
 /// On the listening channel: holds accepting while `maxConnections` connections are open and
 /// resumes when one closes, so new connections wait in the kernel's backlog instead of costing a
@@ -71,4 +72,15 @@ final class ConnectionLimiter: ChannelDuplexHandler {
     }
 
     static let acceptBackoff = TimeAmount.seconds(1)
+}
+
+extension ServerBootstrap {
+    /// A listener that holds at most `maxConnections` open (`ConnectionLimiter`).
+    func limitingConnections(to maxConnections: Int, logger: Logger) -> ServerBootstrap {
+        self.serverChannelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(ConnectionLimiter(maxConnections: maxConnections, logger: logger))
+            }
+        }
+    }
 }

@@ -42,16 +42,8 @@ public struct JSONLogHandler: LogHandler {
 
     /// RFC 3339 UTC with milliseconds; also used for the debug view's times.
     static func timestamp(unixSeconds: Double = wallClock()) -> String {
-        var seconds = Int(unixSeconds.rounded(.down))
-        let milliseconds = Int32((unixSeconds - Double(seconds)) * 1000)
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
-        func pad(_ value: Int32, _ width: Int) -> String {
-            let digits = String(value)
-            return String(repeating: "0", count: max(0, width - digits.count)) + digits
-        }
-        return "\(pad(parts.tm_year + 1900, 4))-\(pad(parts.tm_mon + 1, 2))-\(pad(parts.tm_mday, 2))T"
-            + "\(pad(parts.tm_hour, 2)):\(pad(parts.tm_min, 2)):\(pad(parts.tm_sec, 2)).\(pad(milliseconds, 3))Z"
+        let seconds = unixSeconds.rounded(.down)
+        return rfc3339(unixSeconds: Int64(seconds), milliseconds: Int32((unixSeconds - seconds) * 1000))
     }
 }
 
