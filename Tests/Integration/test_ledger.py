@@ -242,14 +242,14 @@ class Load:
         assert self.problems == []
 
 
-def resend(port, request_ids, user):
+def resend(port, request_ids, user, headers=()):
     """The callbacks again, same user and ids, pipelined on one connection; all must be 202."""
     body = callback(user, "load").encode()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         replies = Replies(sock)
         for start in range(0, len(request_ids), 200):
             chunk = request_ids[start:start + 200]
-            sock.sendall(b"".join(post("/track", body, [f"x-request-id: {r}"]) for r in chunk))
+            sock.sendall(b"".join(post("/track", body, [f"x-request-id: {r}", *headers]) for r in chunk))
             for request_id in chunk:
                 status, _, reply = replies.next()
                 assert status == 202, (request_id, status, reply)

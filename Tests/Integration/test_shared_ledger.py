@@ -329,15 +329,7 @@ def test_kill_9_of_a_replica_loses_no_acknowledged_callback_and_counts_none_twic
 
 
 def resend_with_secret(port, request_ids, user):
-    body = callback(user, "load").encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        replies = Replies(sock)
-        for start in range(0, len(request_ids), 200):
-            chunk = request_ids[start:start + 200]
-            sock.sendall(b"".join(post("/track", body, [f"x-request-id: {r}", f"Authorization: Bearer {SECRET}"]) for r in chunk))
-            for request_id in chunk:
-                status, _, reply = replies.next()
-                assert status == 202, (request_id, status, reply)
+    resend(port, request_ids, user, headers=[f"Authorization: Bearer {SECRET}"])
 
 
 def test_postgres_stopped_and_started_under_load_refuses_meanwhile_and_resumes_by_itself(postgres, database, tmp_path):
