@@ -353,6 +353,7 @@ def test_postgres_stopped_and_started_under_load_refuses_meanwhile_and_resumes_b
         finally:
             postgres.start()
         wait_until(lambda: request(service.port, "GET", "/readyz")[0] == 200, 30, "/readyz did not recover")
+        assert scrape(service.port)["usage_tracking_ledger_errors_total"] > 0
         acked_before = len(callers.acked)
         wait_until(lambda: len(callers.acked) > acked_before + 50, 20, "callbacks were not acknowledged again")
         callers.join()
@@ -392,6 +393,25 @@ def test_in_interval_mode_a_database_outage_is_bridged_in_memory_and_committed_a
             assert counted[user] == sum(1 for u, _ in callers.acked if u == user)
     finally:
         service.stop()
+
+
+def test_hours_past_the_retention_are_deleted_and_running_totals_kept(postgres, database, tmp_path):
+    service = replica(postgres, database, tmp_path, "ret", "--ledger-retention-days", "1")
+    try:
+        assert send(service.port, "nina")[0] == 202
+        graceful(service)
+        # Two days ago, in this replica's series: as if it had been counted then.
+        postgres.psql("INSERT INTO usage_hourly (instance, series_id, hour, amount) SELECT instance, id, "
+                      "date_trunc('hour', now()) - interval '2 days', 5 FROM series WHERE instance = 'ret' AND user_label = 'nina'", database)
+        assert postgres.psql("SELECT count(*) FROM usage_hourly h JOIN series s ON s.instance = h.instance AND s.id = h.series_id "
+                             "WHERE s.user_label = 'nina'", database) == [("2",)]
+        service = replica(postgres, database, tmp_path, "ret", "--ledger-retention-days", "1")
+        assert send(service.port, "nina")[0] == 202  # the first commit prunes
+        assert postgres.psql("SELECT amount FROM usage_hourly h JOIN series s ON s.instance = h.instance AND s.id = h.series_id "
+                             "WHERE s.user_label = 'nina'", database) == [("2",)]
+        assert usage(scrape(service.port))["nina"] == 2
+    finally:
+        stop(service.process)
 
 
 def test_interval_mode_counts_at_once_and_commits_within_the_interval(postgres, database, tmp_path):
