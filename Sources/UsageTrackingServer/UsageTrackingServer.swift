@@ -62,7 +62,7 @@ public final class UsageTrackingServer: Sendable {
             writer = try LedgerWriter.open(directory, configuration: configuration, metrics: metrics, logger: logger)
         } else if let address = configuration.ledgerURL {
             let password = configuration.ledgerPassword ?? ""
-            writer = try LedgerWriter.open(address, password: password, configuration: configuration, metrics: metrics, logger: logger)
+            writer = try await LedgerWriter.open(address, password: password, configuration: configuration, metrics: metrics, logger: logger)
             usageReader = PostgresUsageReader(address: address, password: password, logger: logger)
         }
         let renderPool = NIOThreadPool(numberOfThreads: 1)

@@ -633,3 +633,34 @@ def test_token_counts_go_to_the_shared_ledger_and_usage_answers_them_per_type(po
         if postgres.pid is None:
             postgres.start()
         service.stop()
+
+
+def test_labels_longer_than_an_index_entry_are_stored(postgres, database, tmp_path):
+    """Control characters are written as \\u00XX in the labels' JSON, six bytes for one: three
+    labels of 256 such bytes make a JSON text longer than a btree entry may be (2,704 bytes before
+    compression), so the series' uniqueness is kept on a digest of the labels, not on the text."""
+    service = replica(postgres, database, tmp_path, "long")
+    try:
+        value = "\\u0001" * 256
+        body = '{"user":"%s","groups":"%s","path":"/%s"}' % (value, value, "\\u0002" * 255)
+        status, _, reply = request(service.port, "POST", "/track", body.encode(), {"Content-Type": "application/json", **AUTH})
+        assert status == 202, reply
+        assert postgres.psql("SELECT max(length(s.labels)) > 2704, count(*) FROM series s JOIN metric m ON m.id = s.metric_id "
+                             "WHERE m.name = 'llm_requests_total'", database) == [("t", "1")]
+        assert requests_total(service.port, "\x01" * 256) == 1
+    finally:
+        service.stop()
+
+
+def test_a_replica_without_dedupe_leaves_the_others_request_ids_alone(postgres, database, tmp_path):
+    first = replica(postgres, database, tmp_path, "with-ids")
+    try:
+        assert send(first.port, "olga", "kept-id")[0] == 202
+    finally:
+        first.stop()
+    second = replica(postgres, database, tmp_path, "without-ids", "--no-dedupe")
+    try:
+        assert send(second.port, "olga")[0] == 202  # its first commit prunes
+        assert postgres.psql("SELECT count(*) FROM request_id", database) == [("1",)]
+    finally:
+        second.stop()

@@ -106,15 +106,21 @@ public struct LedgerBatch: Sendable {
         if duplicates > 0 { self.add(.duplicate, count: duplicates, at: time) }
     }
 
-    /// Adds what `other` holds (a failed batch put back in front of what arrived since).
+    /// Adds what `other` holds: `self` is a failed batch, `other` what arrived since.
     public mutating func merge(_ other: LedgerBatch) {
         for (id, total) in other.totals {
             self.totals[id, default: SeriesTotal(family: total.family, series: total.series, amount: 0)].amount &+= total.amount
         }
         for (key, amount) in other.hourly { self.hourly[key, default: 0] &+= amount }
         for (key, count) in other.outcomes { self.outcomes[key, default: 0] &+= count }
-        self.requestIDs.insert(contentsOf: other.requestIDs, at: 0)
+        // `other` is the newer (what arrived after a failed batch): its ids go last, and the
+        // oldest are the ones the bound drops.
+        self.requestIDs.append(contentsOf: other.requestIDs)
+        if self.requestIDs.count > 2 * self.maxRequestIDs { self.requestIDs.removeFirst(self.requestIDs.count - self.maxRequestIDs) }
     }
+
+    /// Rows a commit of this batch writes, about.
+    public var rowCount: Int { self.totals.count + self.hourly.count + self.requestIDs.count + self.claims.count }
 
     /// Callbacks whose outcome is in this batch, for logs.
     public var callbacks: UInt64 { self.outcomes.values.reduce(0, &+) }

@@ -1,3 +1,4 @@
+import Dispatch
 import Logging
 import UsageTrackingCore
 
@@ -35,6 +36,20 @@ extension LedgerWriter {
     /// database or a newer schema are: they stop startup with the server's own reason.
     static func open(
         _ address: PostgresAddress, password: String, configuration: ServerConfiguration, metrics: UsageMetrics, logger: Logger
+    ) async throws -> LedgerWriter {
+        // The engine blocks its caller while it waits on the database: a thread of its own,
+        // not one of the concurrency pool's, which the engine's own work runs on.
+        try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async {
+                continuation.resume(with: Result {
+                    try Self.openBlocking(address, password: password, configuration: configuration, metrics: metrics, logger: logger)
+                })
+            }
+        }
+    }
+
+    private static func openBlocking(
+        _ address: PostgresAddress, password: String, configuration: ServerConfiguration, metrics: UsageMetrics, logger: Logger
     ) throws -> LedgerWriter {
         let ledger = PostgresLedger(
             address: address, password: password, instance: configuration.instance, families: metrics.families, seriesIDs: metrics.seriesIDs,
@@ -43,7 +58,8 @@ extension LedgerWriter {
         let health = metrics.ledger!
         let started = monotonicNanoseconds()
         do {
-            let restored = try ledger.restore(into: metrics, requestIDs: metrics.requestIDs, now: LedgerWriter.now())
+            // Briefly: a restore that takes longer goes on in the writer, with /healthz answering.
+            let restored = try ledger.restore(into: metrics, requestIDs: metrics.requestIDs, now: LedgerWriter.now(), deadline: .seconds(10))
             health.opened()
             Self.logRestored(restored, ledger: ledger, started: started, mode: configuration.fsync, logger: logger)
         } catch .unreachable(let place, let reason) {

@@ -107,6 +107,8 @@ public struct PostgresAddress: Sendable, Equatable, CustomStringConvertible {
         configuration.options.connectTimeout = .seconds(3)
         // Reads for /usage only: the writer has a connection of its own.
         configuration.options.maximumConnections = 4
+        // The server ends a read that runs long itself, so a connection is never held by one.
+        configuration.options.additionalStartupParameters = [("statement_timeout", "2000")]
         return configuration
     }
 }

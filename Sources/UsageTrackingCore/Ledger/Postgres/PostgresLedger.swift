@@ -81,6 +81,11 @@ public final class PostgresLedger: LedgerEngine {
     // MARK: LedgerEngine
 
     public func restore(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64) throws(LedgerError) -> RestoredCounts {
+        try self.restore(into: metrics, requestIDs: requestIDs, now: now, deadline: .seconds(300))
+    }
+
+    /// `restore` within `deadline` (startup tries briefly, then leaves it to the writer).
+    public func restore(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64, deadline: Duration) throws(LedgerError) -> RestoredCounts {
         self.requestIDWindow = requestIDs?.window ?? 0
         let connection = try self.connect()
         let instance = self.instance
@@ -90,9 +95,13 @@ public final class PostgresLedger: LedgerEngine {
         let logger = self.logger
         let window = requestIDs?.window
         let timeout = Self.statementTimeout
-        let result = try self.run(timeout: .seconds(300)) { () async throws -> RestoreResult in
-            // Reading a million series takes longer than a commit may: no bound until it is done.
+        // Nothing read is applied until all of it has been: a restore cut short (the connection
+        // lost, the deadline passed) leaves the metrics as they were, so the next try starts clean.
+        let result = try self.run(timeout: deadline) { () async throws -> RestoreResult in
+            // Reading a million series takes longer than a commit may; waiting for another
+            // replica's schema lock does not.
             try await connection.query("SET statement_timeout = 0", logger: logger)
+            try await connection.query("SET lock_timeout = '10s'", logger: logger)
             try await Self.migrate(connection, place: place, logger: logger)
             var result = RestoreResult()
             for family in families {
@@ -107,7 +116,6 @@ public final class PostgresLedger: LedgerEngine {
             for try await id in try await connection.query("SELECT coalesce(max(id), 0)::int8 FROM series WHERE instance = \(instance)", logger: logger).decode(Int64.self) {
                 maxID = id
             }
-            seriesIDs.advance(past: maxID)
             for (index, family) in families.enumerated() {
                 let reader = LabelsJSON.Reader(names: family.labelNames)
                 let rows = try await connection.query(
@@ -117,9 +125,7 @@ public final class PostgresLedger: LedgerEngine {
                     guard let labels = reader.decode(text) else {
                         throw LedgerError.damaged(place, "series \(id) of \(family.name) has labels that do not read back: \(text.prefix(200))")
                     }
-                    guard family.restore(labels, count: UInt64(bitPattern: total), id: id) else {
-                        throw LedgerError.damaged(place, "series \(id) of \(family.name) repeats the labels of another series: \(text.prefix(200))")
-                    }
+                    result.series.append((index, labels, UInt64(bitPattern: total), id, text))
                     result.stored.append(id)
                     result.counts.series += 1
                 }
@@ -130,16 +136,16 @@ public final class PostgresLedger: LedgerEngine {
             )
             for try await (id, text, total) in outcomes.decode((Int64, String, Int64).self) {
                 if let labels = outcomeReader.decode(text), let outcome = CallbackOutcome(rawValue: labels[0]) {
-                    metrics.restore(outcome, count: UInt64(bitPattern: total))
+                    result.outcomeTotals.append((outcome, UInt64(bitPattern: total)))
                     result.outcomeSeries[outcome] = id
                     result.stored.append(id)
                 }
             }
             for outcome in CallbackOutcome.allCases where result.outcomeSeries[outcome] == nil {
                 maxID += 1
-                seriesIDs.advance(past: maxID)
                 result.outcomeSeries[outcome] = maxID
             }
+            result.maxID = maxID
             let current = Set(result.metricIDs + [result.outcomesMetricID])
             let others = try await connection.query(
                 """
@@ -151,22 +157,32 @@ public final class PostgresLedger: LedgerEngine {
                 result.counts.unexposedSeries += Int(count)
                 result.counts.unexposedMetrics.append(name + labels)
             }
-            if let window, let requestIDs {
+            if let window {
                 let ids = try await connection.query("SELECT digest, seen FROM request_id WHERE seen > \(now - window) ORDER BY seen", logger: logger)
                 for try await (digest, seen) in ids.decode((Int64, Int64).self) {
-                    requestIDs.restore(UInt64(bitPattern: digest), at: seen)
-                    result.counts.requestIDs += 1
+                    result.requestIDs.append((UInt64(bitPattern: digest), seen))
                 }
             }
             try await connection.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(timeout)"), logger: logger)
             return result
         }
+        for (family, labels, total, id, text) in result.series {
+            guard families[family].restore(labels, count: total, id: id) else {
+                throw .damaged(place, "series \(id) of \(families[family].name) repeats the labels of another series: \(text.prefix(200))")
+            }
+        }
+        for (outcome, total) in result.outcomeTotals { metrics.restore(outcome, count: total) }
+        for (digest, seen) in result.requestIDs { requestIDs?.restore(digest, at: seen) }
+        var counts = result.counts
+        counts.requestIDs = result.requestIDs.count
+        seriesIDs.advance(past: result.maxID)
         self.metricIDs = result.metricIDs
         self.outcomesMetricID = result.outcomesMetricID
         self.outcomeSeries = result.outcomeSeries
         self.commits = result.commits
+        self.stored = IDSet()
         for id in result.stored { self.stored.insert(id) }
-        return result.counts
+        return counts
     }
 
     public func commit(_ batch: LedgerBatch, now: Int64) throws(LedgerError) -> Set<UInt64> {
@@ -181,10 +197,27 @@ public final class PostgresLedger: LedgerEngine {
         let outcomesMetricID = self.outcomesMetricID
         let metricIDs = self.metricIDs
         let stored = self.stored
+        let reloadStored = self.failedCommits > 0
         let result: CommitResult
         do {
-            result = try self.run(timeout: Self.commitTimeout * 2 + .seconds(1)) { () async throws -> CommitResult in
+            // Past every statement's own bound: the client giving up first is what leaves a
+            // commit in doubt.
+            result = try self.run(timeout: Self.commitTimeout * 5) { () async throws -> CommitResult in
                 try await connection.query("BEGIN", logger: logger)
+                // A batch far larger than a commit's usual few rows (a backlog kept through an
+                // outage in interval mode) may take longer than one statement usually may.
+                if batch.rowCount > 10_000 {
+                    try await connection.query("SET LOCAL statement_timeout = '60s'", logger: logger)
+                }
+                // After a failure this replica's series may be stored already (a commit in doubt
+                // that landed): read which are, rather than insert them twice.
+                var stored = stored
+                if reloadStored {
+                    stored = IDSet()
+                    for try await id in try await connection.query("SELECT id FROM series WHERE instance = \(instance)", logger: logger).decode(Int64.self) {
+                        stored.insert(id)
+                    }
+                }
                 do {
                     var batch = batch
                     var refused = Set<UInt64>()
@@ -205,13 +238,9 @@ public final class PostgresLedger: LedgerEngine {
                     var commits: Int64 = 0
                     let counter = try await connection.execute(Writes(instance: instance, rows: rows, plain: plain, now: now), logger: logger)
                     for try await value in counter { commits = value }
-                    if prune {
-                        try await connection.query("DELETE FROM usage_hourly WHERE hour < to_timestamp(\(retentionCut))", logger: logger)
-                        try await connection.query("DELETE FROM request_id WHERE seen <= \(expired)", logger: logger)
-                    }
                     try await connection.query("COMMIT", logger: logger)
                     rows.inserted = rows.newIDs
-                    return CommitResult(refused: refused, commits: commits, inserted: rows.inserted)
+                    return CommitResult(refused: refused, commits: commits, inserted: rows.inserted, stored: reloadStored ? stored : nil)
                 } catch {
                     _ = try? await connection.query("ROLLBACK", logger: logger)
                     throw error
@@ -229,9 +258,41 @@ public final class PostgresLedger: LedgerEngine {
         }
         self.failedCommits = 0
         self.commits = result.commits
-        if prune { self.lastPrune = now }
+        if let reloaded = result.stored { self.stored = reloaded }
         for id in result.inserted { self.stored.insert(id) }
+        if prune {
+            self.lastPrune = now
+            self.prune(connection, retentionCut: retentionCut, expired: self.requestIDWindow > 0 ? expired : nil)
+        }
         return result.refused
+    }
+
+    /// Deletes hours past the retention and request ids past the window, a bounded slice at a
+    /// time and outside the commit: a large backlog of deletions (the retention just lowered)
+    /// must never make commits fail. Errors are logged; the next minute tries again.
+    private func prune(_ connection: PostgresConnection, retentionCut: Int64, expired: Int64?) {
+        let logger = self.logger
+        do {
+            _ = try self.run(timeout: .seconds(10)) { () async throws -> Void in
+                for _ in 0..<10 {
+                    var deleted: Int64 = 0
+                    for try await count in try await connection.query(
+                        """
+                        WITH gone AS (DELETE FROM usage_hourly WHERE ctid IN (
+                            SELECT ctid FROM usage_hourly WHERE hour < to_timestamp(\(retentionCut)) LIMIT 10000) RETURNING 1)
+                        SELECT count(*)::int8 FROM gone
+                        """, logger: logger
+                    ).decode(Int64.self) { deleted = count }
+                    if deleted < 10_000 { break }
+                }
+                // Without a window (no dedupe on this replica) another replica's ids are not ours to judge.
+                if let expired {
+                    try await connection.query("DELETE FROM request_id WHERE seen <= \(expired)", logger: logger)
+                }
+            }
+        } catch {
+            logger.warning("ledger pruning failed; it is tried again in a minute", metadata: ["error": "\(error)"])
+        }
     }
 
     public func close() {
@@ -254,7 +315,7 @@ public final class PostgresLedger: LedgerEngine {
         }
         let logger = self.logger
         let timeout = Self.statementTimeout
-        let connection = try self.run(timeout: .seconds(5)) {
+        let connection = try self.run(timeout: .seconds(5), abandoned: { connection in Task { try? await connection.close() } }) {
             let connection = try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
             try await connection.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(timeout)"), logger: logger)
             return connection
@@ -265,8 +326,12 @@ public final class PostgresLedger: LedgerEngine {
 
     /// Runs `work` on the concurrency pool and waits for it here, on the writer's own thread
     /// (never an event loop), at most `timeout`; errors become `LedgerError`s naming the ledger.
-    private func run<Result: Sendable>(timeout: Duration, _ work: @escaping @Sendable () async throws -> Result) throws(LedgerError) -> Result {
-        let outcome = Mutex<Swift.Result<Result, any Error>?>(nil)
+    /// `abandoned` gets a result that arrives after the deadline (a connection to close).
+    private func run<Result: Sendable>(
+        timeout: Duration, abandoned: (@Sendable (Result) -> Void)? = nil, _ work: @escaping @Sendable () async throws -> Result
+    ) throws(LedgerError) -> Result {
+        // The result, or `.late` once the caller has stopped waiting.
+        let outcome = Mutex<(result: Swift.Result<Result, any Error>?, late: Bool)>((nil, false))
         let done = DispatchSemaphore(value: 0)
         let task = Task {
             let result: Swift.Result<Result, any Error>
@@ -275,18 +340,27 @@ public final class PostgresLedger: LedgerEngine {
             } catch {
                 result = .failure(error)
             }
-            outcome.withLock { $0 = result }
+            let late = outcome.withLock { state in
+                state.result = result
+                return state.late
+            }
+            if late, case .success(let value) = result { abandoned?(value) }
             done.signal()
         }
         let nanoseconds = timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000
-        guard done.wait(timeout: .now() + .nanoseconds(Int(nanoseconds))) == .success else {
+        let answered = done.wait(timeout: .now() + .nanoseconds(Int(nanoseconds))) == .success
+        let finished = outcome.withLock { state -> Swift.Result<Result, any Error>? in
+            if !answered { state.late = true }
+            return state.result
+        }
+        guard answered || finished != nil else {
             task.cancel()
             // The connection is in an unknown state: the next call opens another.
             if let connection = self.connection { Task { try? await connection.close() } }
             self.connection = nil
             throw .unreachable("\(self.address)", "no answer within \(timeout.components.seconds) s")
         }
-        switch outcome.withLock({ $0! }) {
+        switch finished! {
         case .success(let value): return value
         case .failure(let error):
             if let connection = self.connection, connection.isClosed { self.connection = nil }
@@ -371,9 +445,10 @@ public final class PostgresLedger: LedgerEngine {
                         labels text NOT NULL,               -- JSON object, label name to value
                         user_label text,                    -- the `user` label's value, for lookups
                         total bigint NOT NULL,              -- the counter as /metrics exposes it
-                        PRIMARY KEY (instance, id),
-                        UNIQUE (instance, metric_id, labels)
+                        PRIMARY KEY (instance, id)
                     );
+                    -- By digest: labels can be longer than a btree entry may be.
+                    CREATE UNIQUE INDEX series_labels ON series (instance, metric_id, md5(labels));
                     CREATE INDEX series_by_user ON series (user_label, metric_id);
                     CREATE TABLE usage_hourly (
                         instance text NOT NULL,
@@ -510,6 +585,7 @@ private struct Writes: PostgresPreparedStatement {
             INSERT INTO series (instance, id, metric_id, labels, user_label, total)
             SELECT $1, n.id, n.metric_id, n.labels, nullif(n.user_label, ''), n.total
             FROM unnest($2::int8[], $3::int4[], $4::text[], $5::text[], $6::int8[]) AS n (id, metric_id, labels, user_label, total)
+            ON CONFLICT (instance, id) DO UPDATE SET total = series.total + excluded.total
         ), added AS (
             UPDATE series SET total = series.total + a.amount
             FROM unnest($7::int8[], $8::int8[]) AS a (id, amount)
@@ -554,6 +630,10 @@ private struct Writes: PostgresPreparedStatement {
 }
 
 private struct RestoreResult: Sendable {
+    var series: [(family: Int, labels: LabelValues, total: UInt64, id: Int64, text: String)] = []
+    var outcomeTotals: [(CallbackOutcome, UInt64)] = []
+    var requestIDs: [(UInt64, Int64)] = []
+    var maxID: Int64 = 0
     var metricIDs: [Int32] = []
     var outcomesMetricID: Int32 = 0
     var outcomeSeries: [CallbackOutcome: Int64] = [:]
@@ -566,4 +646,6 @@ private struct CommitResult: Sendable {
     var refused: Set<UInt64>
     var commits: Int64
     var inserted: [Int64]
+    /// This replica's stored series as read at the start of the commit, when they were read.
+    var stored: IDSet?
 }

@@ -1,5 +1,6 @@
 import Logging
 import PostgresNIO
+import Synchronization
 
 /// Reads what one user used from the shared ledger, across every replica, for `GET /usage`:
 /// a small pool of its own (`PostgresClient`, run until `shutdown`), so reads never wait
@@ -25,14 +26,26 @@ public final class PostgresUsageReader: Sendable {
     public func rows(
         _ query: UsageQuery, families: [CounterFamily], users: [String?], typeLabels: [Int?]
     ) async throws -> [UsageQuery.FamilyRows] {
-        try await withThrowingTaskGroup(of: [UsageQuery.FamilyRows].self) { group in
-            group.addTask { try await self.read(query, families: families, users: users, typeLabels: typeLabels) }
-            group.addTask {
-                try await Task.sleep(for: Self.timeout)
-                throw UsageReadTimeout()
+        // Not a task group: it would wait for a read that does not stop when cancelled.
+        let answer = PendingAnswer()
+        return try await withCheckedThrowingContinuation { continuation in
+            answer.waiting.withLock { $0 = continuation }
+            let read = Task {
+                let result: Result<[UsageQuery.FamilyRows], any Error>
+                do {
+                    result = .success(try await self.read(query, families: families, users: users, typeLabels: typeLabels))
+                } catch {
+                    result = .failure(error)
+                }
+                answer.waiting.withLock { $0.take() }?.resume(with: result)
             }
-            defer { group.cancelAll() }
-            return try await group.next()!
+            Task {
+                try? await Task.sleep(for: Self.timeout)
+                if let waiting = answer.waiting.withLock({ $0.take() }) {
+                    read.cancel()
+                    waiting.resume(throwing: UsageReadTimeout())
+                }
+            }
         }
     }
 
@@ -106,4 +119,9 @@ private struct UsageRows: PostgresPreparedStatement {
     func decodeRow(_ row: PostgresRow) throws -> Row {
         try row.decode(Row.self)
     }
+}
+
+/// Whoever comes first, the read or the timeout, takes the continuation and resumes it.
+private final class PendingAnswer: Sendable {
+    let waiting = Mutex<CheckedContinuation<[UsageQuery.FamilyRows], any Error>?>(nil)
 }
