@@ -210,6 +210,9 @@ public struct CallbackDecoder: Sendable {
         return value
     }
 
+    /// The largest increment one callback may carry.
+    static let maxAmount: UInt64 = (1 << 53) - 1
+
     /// A family's increment; nil when it is optional and absent, so the family skips the callback.
     private func amount(_ value: DecodingPlan.Value, _ fields: ScannedFields, _ problems: inout Problems) -> UInt64? {
         let name = self.plan.fields[value.field]
@@ -244,10 +247,12 @@ public struct CallbackDecoder: Sendable {
             return nil
         }
         switch reading {
-        case .whole(let amount): return amount
+        // 2^53 - 1, as for a model answer's counts: exact in every JSON parser, and a ledger's
+        // 64-bit totals cannot be pushed over their range by a few callbacks.
+        case .whole(let amount) where amount <= Self.maxAmount: return amount
         case .negative: problems.add(rank, "\(expectation), got a negative number")
         case .fraction: problems.add(rank, "\(expectation), got a fraction or an exponent")
-        case .tooLarge: problems.add(rank, "\(expectation) below 2^64")
+        case .whole, .tooLarge: problems.add(rank, "\(expectation) up to 2^53 - 1")
         }
         return nil
     }

@@ -585,16 +585,17 @@ private struct Writes: PostgresPreparedStatement {
             INSERT INTO series (instance, id, metric_id, labels, user_label, total)
             SELECT $1, n.id, n.metric_id, n.labels, nullif(n.user_label, ''), n.total
             FROM unnest($2::int8[], $3::int4[], $4::text[], $5::text[], $6::int8[]) AS n (id, metric_id, labels, user_label, total)
-            ON CONFLICT (instance, id) DO UPDATE SET total = series.total + excluded.total
+            ON CONFLICT (instance, id) DO UPDATE SET total = least(series.total::numeric + excluded.total, 9223372036854775807)::int8
         ), added AS (
-            UPDATE series SET total = series.total + a.amount
+            -- Saturating at bigint's top, where an overflow would fail every commit after it.
+            UPDATE series SET total = least(series.total::numeric + a.amount, 9223372036854775807)::int8
             FROM unnest($7::int8[], $8::int8[]) AS a (id, amount)
             WHERE series.instance = $1 AND series.id = a.id
         ), hours AS (
             INSERT INTO usage_hourly (instance, series_id, hour, amount)
             SELECT $1, h.id, to_timestamp(h.hour), h.amount
             FROM unnest($9::int8[], $10::int8[], $11::int8[]) AS h (id, hour, amount)
-            ON CONFLICT (instance, series_id, hour) DO UPDATE SET amount = usage_hourly.amount + excluded.amount
+            ON CONFLICT (instance, series_id, hour) DO UPDATE SET amount = least(usage_hourly.amount::numeric + excluded.amount, 9223372036854775807)::int8
         ), ids AS (
             INSERT INTO request_id (digest, seen) SELECT * FROM unnest($12::int8[], $13::int8[]) ORDER BY 1
             ON CONFLICT (digest) DO UPDATE SET seen = greatest(request_id.seen, excluded.seen)
