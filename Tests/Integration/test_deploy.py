@@ -1067,6 +1067,11 @@ TOKEN_PANELS = {
 }
 
 
+# Metrics of the ext_proc listener: their panels return data on the fed Prometheus (above), and
+# show exact figures on the synthetic series below.
+TOKEN_METRICS = ("llm_tokens_total", "usage_tracking_token_streams_total", "usage_tracking_ext_proc_")
+
+
 def test_token_panels_show_what_they_say_on_synthetic_series(tmp_path):
     targets = [(panel["title"], target["expr"]) for _, board in dashboards() for panel in board["panels"]
                for target in panel["targets"] if any(m in target["expr"] for m in TOKEN_METRICS)]
