@@ -106,7 +106,7 @@ public struct UsageQuery: Sendable, Hashable {
             members.append((family.family.name, .object(entry)))
         }
         return .object([
-            ("user", .string(self.user)), ("from", .string(Self.format(self.from))), ("to", .string(Self.format(self.to))),
+            ("user", .string(self.user)), ("from", .string(rfc3339(unixSeconds: self.from))), ("to", .string(rfc3339(unixSeconds: self.to))),
             ("families", .object(members)),
         ])
     }
@@ -179,8 +179,6 @@ public struct UsageQuery: Sendable, Hashable {
         return seconds - offset
     }
 
-    /// Unix seconds as RFC 3339 UTC, `2026-12-01T00:00:00Z`.
-    static func format(_ time: Int64) -> String { rfc3339(unixSeconds: time) }
 }
 
 /// Why a `/usage` question cannot be answered, every reason at once.

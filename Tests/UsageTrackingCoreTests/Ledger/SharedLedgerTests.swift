@@ -71,16 +71,16 @@ import Testing
 
     @Test func defaultsToTheCurrentUTCMonth() throws {
         let query = try self.parse("user=alice").get()
-        #expect(UsageQuery.format(query.from) == "2026-12-01T00:00:00Z")
-        #expect(UsageQuery.format(query.to) == "2027-01-01T00:00:00Z")
+        #expect(rfc3339(unixSeconds: query.from) == "2026-12-01T00:00:00Z")
+        #expect(rfc3339(unixSeconds: query.to) == "2027-01-01T00:00:00Z")
         #expect(query.by == [])
     }
 
     @Test func takesOffsetsAndRoundsDownToTheHour() throws {
         let query = try self.parse("user=al%20ice&from=2026-11-30T23:30:00.5-01:00&to=2026-12-02T10:59:59Z&by=path,model,path").get()
         #expect(query.user == "al ice")
-        #expect(UsageQuery.format(query.from) == "2026-12-01T00:00:00Z")
-        #expect(UsageQuery.format(query.to) == "2026-12-02T10:00:00Z")
+        #expect(rfc3339(unixSeconds: query.from) == "2026-12-01T00:00:00Z")
+        #expect(rfc3339(unixSeconds: query.to) == "2026-12-02T10:00:00Z")
         #expect(query.by == ["path", "model"])
     }
 

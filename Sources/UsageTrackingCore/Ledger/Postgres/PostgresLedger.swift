@@ -232,15 +232,14 @@ public final class PostgresLedger: LedgerEngine {
                     batch.settle(refused: refused, at: now)
                     // The ids above are already in; only the ones recorded in interval mode remain.
                     let plain = Self.plainRequestIDs(batch, excluding: Set(digests))
-                    var rows = Self.rows(
+                    let rows = Self.rows(
                         of: batch, stored: stored, metricIDs: metricIDs, outcomeSeries: outcomeSeries, outcomesMetricID: outcomesMetricID, base: rows
                     )
                     var commits: Int64 = 0
                     let counter = try await connection.execute(Writes(instance: instance, rows: rows, plain: plain, now: now), logger: logger)
                     for try await value in counter { commits = value }
                     try await connection.query("COMMIT", logger: logger)
-                    rows.inserted = rows.newIDs
-                    return CommitResult(refused: refused, commits: commits, inserted: rows.inserted, stored: reloadStored ? stored : nil)
+                    return CommitResult(refused: refused, commits: commits, inserted: rows.newIDs, stored: reloadStored ? stored : nil)
                 } catch {
                     _ = try? await connection.query("ROLLBACK", logger: logger)
                     throw error
@@ -481,7 +480,6 @@ public final class PostgresLedger: LedgerEngine {
         var newIDs: [Int64] = [], newMetrics: [Int32] = [], newLabels: [String] = [], newUsers: [String] = [], newTotals: [Int64] = []
         var addIDs: [Int64] = [], addAmounts: [Int64] = []
         var hourIDs: [Int64] = [], hours: [Int64] = [], hourAmounts: [Int64] = []
-        var inserted: [Int64] = []
         /// Labels text and user value per family series id, computed before the transaction.
         var labels: [Int64: (text: String, user: String)] = [:]
     }
