@@ -92,7 +92,7 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(help: "This replica's name in the shared ledger, unique among the replicas (the pod name). (env: USAGE_TRACKING_INSTANCE; default: the host name)")
     var instance: String?
 
-    @Option(help: "always: a callback is acknowledged once its count is on disk; interval: at once, with a commit every --fsync-interval (a crash loses up to that). (env: USAGE_TRACKING_FSYNC; default: always)")
+    @Option(help: "always: a callback is acknowledged once its count is committed (on disk, or in the shared ledger); interval: at once, with a commit every --fsync-interval (a crash loses up to that). (env: USAGE_TRACKING_FSYNC; default: always)")
     var fsync: String?
 
     @Option(parsing: .unconditional, help: "Seconds between commits in --fsync interval mode, 1 to 60. (env: USAGE_TRACKING_FSYNC_INTERVAL; default: 1)")
