@@ -76,3 +76,8 @@ void czlib_gunzip_end(czlib_gunzip_stream *stream) {
     inflateEnd(&stream->z);
     free(stream);
 }
+
+uint32_t czlib_crc32(uint32_t crc, const uint8_t *data, size_t length) {
+    // crc32_z takes a size_t length; the journal's records are at most a few MiB anyway.
+    return (uint32_t)crc32_z((uLong)crc, data, length);
+}

@@ -195,11 +195,19 @@ def test_static_binary_keeps_its_ledger_as_the_statefulset_runs_it():
             try:
                 assert request(service.port, "GET", "/readyz")[::2] == (200, b"ready\n")
                 assert request(service.port, "POST", "/track", body, headers)[0] == 202
-                # fsync=always: on disk once acknowledged, in the files the pod's user owns.
-                connection = sqlite3.connect(f"file:{volume}/usage.sqlite?mode=ro", uri=True)
-                assert connection.execute("SELECT labels, total FROM series WHERE labels LIKE '%alice%'").fetchall() == [
-                    ('{"user":"alice","groups":"premium","path":"/v1/completions"}', 1)]
-                connection.close()
+                # fsync=always: on disk once acknowledged (in the journal), and in the database within
+                # the journal's fold (a second), in the files the pod's user owns.
+                def in_database():
+                    connection = sqlite3.connect(f"file:{volume}/usage.sqlite?mode=ro", uri=True)
+                    try:
+                        return connection.execute("SELECT labels, total FROM series WHERE labels LIKE '%alice%'").fetchall()
+                    finally:
+                        connection.close()
+                deadline = time.time() + 5
+                while not in_database() and time.time() < deadline:
+                    time.sleep(0.05)
+                assert in_database() == [('{"user":"alice","groups":"premium","path":"/v1/completions"}', 1)]
+                assert all(os.stat(os.path.join(volume, name)).st_uid == user for name in ("usage.journal-0", "usage.journal-1"))
                 assert os.stat(os.path.join(volume, "usage.sqlite")).st_uid == user
                 # The pod's end: SIGTERM, the drain (cut short by a second one), every count committed.
                 service.process.send_signal(signal.SIGTERM)

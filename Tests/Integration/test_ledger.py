@@ -139,18 +139,16 @@ def read_ledger(directory):
             for name, labels, total, hourly in rows}
 
 
-def assert_ledger_matches(directory, samples):
-    """The ledger's totals are /metrics's counts, and each total is the sum of its hourly buckets."""
+def assert_ledger_matches(directory, samples, seconds=5):
+    """The database's totals are /metrics's counts, and each total is the sum of its hourly buckets,
+    once it has caught up: within an interval in `interval` mode, and within the journal's fold
+    (a second) in `always` mode, where what the database does not hold yet is in the journal."""
+    deadline = time.time() + seconds
+    while {s: t for s, (t, _) in read_ledger(directory).items() if t} != counted(samples) and time.time() < deadline:
+        time.sleep(0.05)
     ledger = read_ledger(directory)
     assert {s: total for s, (total, _) in ledger.items() if total} == counted(samples)
     assert {s: hourly for s, (_, hourly) in ledger.items()} == {s: total for s, (total, _) in ledger.items()}
-
-
-def wait_for_ledger(directory, samples, seconds=5):
-    """`interval` mode: the ledger catches up with /metrics within an interval or so."""
-    wait_until(lambda: {s: t for s, (t, _) in read_ledger(directory).items() if t} == counted(samples), seconds,
-               f"the ledger did not reach /metrics's counts within {seconds} s")
-    assert_ledger_matches(directory, samples)
 
 
 def ledger_files(directory):
@@ -161,7 +159,7 @@ def ledger_files(directory):
     for name in sorted(os.listdir(directory)):
         if name == "usage.sqlite-shm":
             files[name] = "present"
-        elif name.startswith("usage.sqlite"):
+        elif name.startswith("usage.sqlite") or name.startswith("usage.journal"):
             with open(os.path.join(directory, name), "rb") as f:
                 files[name] = hashlib.sha256(f.read()).hexdigest()
     return files
@@ -417,7 +415,7 @@ def test_kill_9_in_interval_mode_loses_at_most_about_one_interval(tmp_path):
             resend(service.port, load.sent[user], user)
         samples = scrape(service.port)
         assert usage(samples) == {u: len(load.sent[u]) for u in users}
-        wait_for_ledger(directory, samples)
+        assert_ledger_matches(directory, samples)
     finally:
         stop(service.process)
 
@@ -671,6 +669,7 @@ def test_a_malformed_page_beside_a_wal_is_refused_and_both_are_left_as_they_were
     service = Service("--state-dir", directory)
     for i in range(20):
         assert track(service.port, f"wal-{i}", f"wal-{i}")[0] == 202
+    assert_ledger_matches(directory, scrape(service.port))  # folded from the journal into the WAL
     killed(service)
     page_size, in_wal = wal_pages(os.path.join(directory, "usage.sqlite-wal"))
     pages = os.path.getsize(os.path.join(directory, "usage.sqlite")) // page_size
@@ -682,6 +681,65 @@ def test_a_malformed_page_beside_a_wal_is_refused_and_both_are_left_as_they_were
     assert "usage.sqlite-wal" in before
     error = refused(directory)
     assert error.startswith(f"{FLAG}: {directory}/usage.sqlite: ") and error.endswith(REFUSAL), error
+    assert ledger_files(directory) == before
+
+
+def journal_records(path):
+    """(offset, length) of each record at the start of a journal file, read from the headers."""
+    with open(path, "rb") as f:
+        data = f.read()
+    records, offset = [], 0
+    while data[offset:offset + 4] == b"\xff\xfe\x4a\x31":
+        length = struct.unpack("<I", data[offset + 4:offset + 8])[0]
+        records.append((offset, 24 + length))
+        offset += 24 + length
+    return records
+
+
+def test_what_a_kill_leaves_in_the_journal_is_restored_once(tmp_path):
+    """`always` mode: callbacks acknowledged just before a kill -9 are in the journal and not yet in
+    the database; the next start writes them in and exposes them, and a second start (after a
+    SIGTERM, which folds everything and removes the journal) counts none of them twice."""
+    directory = str(tmp_path / "ledger")
+    service = Service("--state-dir", directory)
+    for i in range(5):
+        assert track(service.port, f"journal-{i}", f"journal-{i}")[0] == 202
+    killed(service)
+    assert len(journal_records(os.path.join(directory, "usage.journal-0"))) >= 5
+    assert not any(user.startswith("journal-") for user in usage({s: t for s, (t, _) in read_ledger(directory).items()}))
+    service = Service("--state-dir", directory)
+    try:
+        samples = scrape(service.port)
+        assert all(usage(samples)[f"journal-{i}"] == 1 for i in range(5))
+        assert_ledger_matches(directory, samples)
+        assert track(service.port, "journal-0", "journal-0")[0] == 202  # its id was restored too
+        graceful(service)
+        assert set(ledger_files(directory)) == {"usage.sqlite"}, "SIGTERM folds the journal and removes it"
+        service = Service("--state-dir", directory)
+        assert usage(scrape(service.port)) == usage(samples)
+    finally:
+        stop(service.process)
+
+
+def test_a_damaged_journal_record_is_refused_and_left_as_it_was(tmp_path):
+    """A record that fails its checksum with an intact record after it was acknowledged and then
+    damaged (a torn write is only ever the last): startup stops, naming the file, and changes none
+    of the files."""
+    directory = str(tmp_path / "ledger")
+    service = Service("--state-dir", directory)
+    for i in range(3):
+        assert track(service.port, f"damaged-{i}", f"damaged-{i}")[0] == 202
+    killed(service)
+    journal = os.path.join(directory, "usage.journal-0")
+    records = journal_records(journal)
+    offset, length = records[1]
+    with open(journal, "r+b") as f:
+        f.seek(offset + length - 3)
+        f.write(b"\x00")
+    os.remove(os.path.join(directory, "usage.lock"))
+    before = ledger_files(directory)
+    assert refused(directory) == (f"{FLAG}: {journal}: journal record 3 at byte {records[2][0]} follows one that fails its "
+                                  f"checksum at byte {offset}{REFUSAL}")
     assert ledger_files(directory) == before
 
 
@@ -783,7 +841,9 @@ def test_a_crash_during_a_checkpoint_is_not_taken_for_damage(pristine_ledger, tm
     service = Service("--state-dir", directory)
     for i in range(60):
         assert track(service.port, f"checkpoint-{i}", f"checkpoint-{i}")[0] == 202
-    acknowledged = usage(scrape(service.port))
+    samples = scrape(service.port)
+    acknowledged = usage(samples)
+    assert_ledger_matches(directory, samples)  # folded from the journal into the database's WAL
     killed(service)
     page_size, pages = wal_pages(os.path.join(directory, "usage.sqlite-wal"))
     order = sorted(pages)
@@ -845,7 +905,8 @@ def fill(directory):
 
 
 def test_a_full_disk_in_always_mode_refuses_callbacks_keeps_serving_and_recovers_alone():
-    with small_tmpfs() as mount:
+    # Room for the journal's two preallocated 4 MiB files and the database.
+    with small_tmpfs("10M") as mount:
         directory = os.path.join(mount, "ledger")
         service = Service("--state-dir", directory)
         try:
@@ -853,15 +914,19 @@ def test_a_full_disk_in_always_mode_refuses_callbacks_keeps_serving_and_recovers
                 assert track(service.port, f"before-{i}", f"before-{i}")[0] == 202
             filler = fill(mount)
             filled_at = int(time.time())
-            # New users and ids make the database grow: the next commit cannot.
+            # New users and ids make the database grow: the journal, preallocated, takes them
+            # until its next fold into the database fails (within a second), then none.
             refused_users = []
-            for i in range(200):
+            deadline = time.time() + 10
+            for i in range(100_000):
                 status, body = track(service.port, f"full-{i}", f"full-{i}")
                 if status == 503:
                     assert body == UNAVAILABLE
                     refused_users.append(f"full-{i}")
                     break
                 assert status == 202
+                assert time.time() < deadline, "no commit failed on a full disk"
+                time.sleep(0.01)
             assert refused_users, "no commit failed on a full disk"
             for i in range(3):  # refused at once while it lasts, not left waiting
                 user = f"refused-{i}"
@@ -874,7 +939,7 @@ def test_a_full_disk_in_always_mode_refuses_callbacks_keeps_serving_and_recovers
             assert request(service.port, "GET", "/readyz")[0] == 503
             samples = scrape(service.port)
             assert samples["usage_tracking_ledger_errors_total"] > 0
-            assert samples["usage_tracking_ledger_last_commit_timestamp_seconds"] <= filled_at + 1
+            assert samples["usage_tracking_ledger_last_commit_timestamp_seconds"] <= filled_at + 3
             assert outcomes(samples)["unavailable"] == len(refused_users)
             assert all(usage(samples).get(user, 0) == 0 for user in refused_users), usage(samples)
             # Asserted last, so that the recovery below is checked either way: not even at 0.
@@ -934,7 +999,7 @@ def test_a_full_disk_in_interval_mode_keeps_the_counts_and_writes_them_once_it_c
             os.remove(filler)
             wait_until(lambda: ready(service.port), 5, "/readyz did not return to 200 within 5 s of space being freed")
             samples = scrape(service.port)
-            wait_for_ledger(directory, samples)  # the counts kept through the failure
+            assert_ledger_matches(directory, samples)  # the counts kept through the failure
             graceful(service)
             service = Service(*arguments)
             assert restored_families(scrape(service.port)) == restored_families(samples)

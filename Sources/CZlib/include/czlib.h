@@ -25,4 +25,7 @@ const char *czlib_gunzip(czlib_gunzip_stream *stream, const uint8_t *input, size
 /// Releases the decoder's state.
 void czlib_gunzip_end(czlib_gunzip_stream *stream);
 
+/// zlib's CRC-32 of `length` bytes, continuing `crc` (0 to start).
+uint32_t czlib_crc32(uint32_t crc, const uint8_t *data, size_t length);
+
 #endif

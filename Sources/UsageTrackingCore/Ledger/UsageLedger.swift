@@ -38,14 +38,15 @@ public final class UsageLedger: LedgerEngine {
     private let families: [CounterFamily]
     private let seriesIDs: SeriesIDs
     private let retention: Int64
-    /// `metric.id` of each family, and of `usage_tracking_callbacks_total`.
-    private var metricIDs: [Int64] = []
-    private var outcomesMetricID: Int64 = 0
-    /// The series id of each outcome of `usage_tracking_callbacks_total`.
-    private var outcomeSeries: [CallbackOutcome: Int64] = [:]
+    /// Set by `restore`, from the ids the database gave each family and outcome.
+    private var encoder = LedgerRowsEncoder(labelNames: [], metricIDs: [], outcomesMetricID: 0, outcomeSeries: [:])
     /// Series ids that have a row in `series`; the others are inserted by the next commit.
     private var stored = IDSet()
     private var lastPrune: Int64 = 0
+    /// The last journal record the database holds (0: none), and the records after it that
+    /// `restore` writes in first: what a crash in `--fsync always` mode left in the journal.
+    private(set) var journalSequence: UInt64
+    private var journalRecords: [LedgerJournal.Record]
     /// Request ids are kept this long (the dedupe window), 0 without dedupe.
     private var requestIDWindow: Int64 = 0
 
@@ -63,7 +64,10 @@ public final class UsageLedger: LedgerEngine {
             throw .failed(self.path, "SQLite \(String(cString: sqlite3_libversion())) is too old; the ledger needs 3.38 or newer")
         }
         self.lock = try DirectoryLock(directory: directory, name: Self.lockName)
-        try Self.check(self.path)
+        // The journal's records are read before anything opens the database for writing (which
+        // would checkpoint its WAL on close), so that a damaged one leaves every file as it was.
+        self.journalSequence = try Self.check(self.path)
+        self.journalRecords = try LedgerJournal.unfolded(in: directory, after: self.journalSequence)
         do {
             var config = Configuration()
             // The schema's REFERENCES document the tables; checking them would cost every insert.
@@ -95,19 +99,29 @@ public final class UsageLedger: LedgerEngine {
     @discardableResult
     public func restore(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64) throws(LedgerError) -> RestoredCounts {
         self.requestIDWindow = requestIDs?.window ?? 0
+        if let last = self.journalRecords.last {
+            try self.write(self.journalRecords.map(\.rows), journalSequence: last.sequence, now: self.journalRecords.map(\.rows.now).max()!, prune: false)
+            self.journalSequence = last.sequence
+            self.journalRecords = []
+        }
         do {
             return try self.queue.writeWithoutTransaction { db in
                 var restored = RestoredCounts()
                 var maxID = try Int64.fetchOne(db, sql: "SELECT max(id) FROM series") ?? 0
+                // `metric.id` of each family and of `usage_tracking_callbacks_total`, and the series
+                // id of each outcome.
+                var metricIDs: [Int64] = []
+                var outcomesMetricID: Int64 = 0
+                var outcomeSeries: [CallbackOutcome: Int64] = [:]
                 self.seriesIDs.advance(past: maxID)
                 try db.inTransaction(.immediate) {
-                    self.metricIDs = try self.families.map { try Self.metricID(db, name: $0.name, labels: $0.labelNames) }
-                    self.outcomesMetricID = try Self.metricID(db, name: UsageMetrics.callbacksName, labels: ["outcome"])
+                    metricIDs = try self.families.map { try Self.metricID(db, name: $0.name, labels: $0.labelNames) }
+                    outcomesMetricID = try Self.metricID(db, name: UsageMetrics.callbacksName, labels: ["outcome"])
                     return .commit
                 }
                 for (index, family) in self.families.enumerated() {
                     let reader = LabelsJSON.Reader(names: family.labelNames)
-                    let rows = try Row.fetchCursor(db, sql: "SELECT id, labels, total FROM series WHERE metric_id = ?", arguments: [self.metricIDs[index]])
+                    let rows = try Row.fetchCursor(db, sql: "SELECT id, labels, total FROM series WHERE metric_id = ?", arguments: [metricIDs[index]])
                     while let row = try rows.next() {
                         let id: Int64 = row[0]
                         let text: String = row[1]
@@ -123,21 +137,25 @@ public final class UsageLedger: LedgerEngine {
                     }
                 }
                 let outcomeReader = LabelsJSON.Reader(names: ["outcome"])
-                let outcomes = try Row.fetchCursor(db, sql: "SELECT id, labels, total FROM series WHERE metric_id = ?", arguments: [self.outcomesMetricID])
+                let outcomes = try Row.fetchCursor(db, sql: "SELECT id, labels, total FROM series WHERE metric_id = ?", arguments: [outcomesMetricID])
                 while let row = try outcomes.next() {
                     let id: Int64 = row[0]
                     if let labels = outcomeReader.decode(row[1]), let outcome = CallbackOutcome(rawValue: labels[0]) {
                         metrics.restore(outcome, count: UInt64(bitPattern: row[2] as Int64))
-                        self.outcomeSeries[outcome] = id
+                        outcomeSeries[outcome] = id
                         self.stored.insert(id)
                     }
                 }
-                for outcome in CallbackOutcome.allCases where self.outcomeSeries[outcome] == nil {
+                for outcome in CallbackOutcome.allCases where outcomeSeries[outcome] == nil {
                     maxID += 1
                     self.seriesIDs.advance(past: maxID)
-                    self.outcomeSeries[outcome] = maxID
+                    outcomeSeries[outcome] = maxID
                 }
-                let current = Set(self.metricIDs + [self.outcomesMetricID])
+                self.encoder = LedgerRowsEncoder(
+                    labelNames: self.families.map(\.labelNames), metricIDs: metricIDs, outcomesMetricID: outcomesMetricID,
+                    outcomeSeries: outcomeSeries
+                )
+                let current = Set(metricIDs + [outcomesMetricID])
                 for row in try Row.fetchAll(db, sql: "SELECT m.id, m.name, m.labels, count(s.id) FROM metric m LEFT JOIN series s ON s.metric_id = m.id GROUP BY m.id") {
                     let id: Int64 = row[0]
                     guard !current.contains(id) else { continue }
@@ -165,64 +183,65 @@ public final class UsageLedger: LedgerEngine {
     /// process alone writes here, and its request-id window has decided.
     @discardableResult
     public func commit(_ batch: LedgerBatch, now: Int64) throws(LedgerError) -> Set<UInt64> {
+        try self.commit(batch, now: now, journalSequence: nil)
+        return []
+    }
+
+    /// `commit`, also recording that the journal's records up to `journalSequence` are in.
+    func commit(_ batch: LedgerBatch, now: Int64, journalSequence: UInt64?) throws(LedgerError) {
         var batch = batch
         batch.settle(refused: [], at: now)
-        var inserted: [Int64] = []
-        // Old hours and expired request ids are deleted at most once a minute.
-        let prune = now - self.lastPrune >= 60
+        let (rows, new) = self.encoder.rows(of: batch, known: self.stored, now: now)
+        try self.write([rows], journalSequence: journalSequence, now: now, prune: now - self.lastPrune >= 60)
+        for id in new { self.stored.insert(id) }
+        if let journalSequence { self.journalSequence = journalSequence }
+    }
+
+    /// Series ids that have a row, and what turns batches into rows: for the journal, once restored.
+    var storedIDs: IDSet { self.stored }
+    var rowsEncoder: LedgerRowsEncoder { self.encoder }
+
+    /// `prune`: deletes hours past the retention and request ids past the window (commits do, at
+    /// most once a minute).
+    private func write(_ batches: [LedgerRows], journalSequence: UInt64?, now: Int64, prune: Bool) throws(LedgerError) {
         do {
             try self.queue.writeWithoutTransaction { db in
                 try db.inTransaction(.immediate) {
-                    inserted.removeAll()
-                    // A handful of statements per commit, whatever its size: the rows go in as one
-                    // JSON array per table, which SQLite unpacks itself (json_each), so a batch
-                    // costs one bind and one step per table rather than per row.
-                    let insertSeries = try db.cachedStatement(sql: "INSERT INTO series (id, metric_id, labels, total) VALUES (?, ?, ?, ?)")
-                    var additions = JSONRows()
-                    /// Adds to a stored series; a series not stored yet is inserted with its labels.
-                    func add(_ amount: UInt64, to id: Int64, metric: Int64, labels: @autoclosure () -> String) throws {
-                        if self.stored.contains(id) {
-                            additions.append(id, Int64(bitPattern: amount))
-                        } else {
-                            try insertSeries.execute(arguments: [id, metric, labels(), Int64(bitPattern: amount)])
-                            inserted.append(id)
+                    for rows in batches {
+                        // Each new series once per batch; the journal's replay may meet one again in a
+                        // later record (not yet known to have a row when that was written), so it adds.
+                        if !rows.newSeries.isEmpty {
+                            try db.cachedStatement(sql: """
+                                INSERT INTO series (id, metric_id, labels, total)
+                                SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?) AS j WHERE true
+                                ON CONFLICT (id) DO UPDATE SET total = total + excluded.total
+                                """).execute(arguments: [rows.newSeries.closed])
+                        }
+                        if !rows.additions.isEmpty {
+                            try db.cachedStatement(sql: """
+                                UPDATE series SET total = total + j.value ->> 1 FROM json_each(?) AS j WHERE series.id = j.value ->> 0
+                                """).execute(arguments: [rows.additions.closed])
+                        }
+                        if !rows.hours.isEmpty {
+                            try db.cachedStatement(sql: """
+                                INSERT INTO usage_hourly (series_id, hour, amount)
+                                SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM json_each(?) AS j WHERE true
+                                ON CONFLICT (series_id, hour) DO UPDATE SET amount = amount + excluded.amount
+                                """).execute(arguments: [rows.hours.closed])
+                        }
+                        if !rows.requestIDs.isEmpty {
+                            try db.cachedStatement(sql: """
+                                INSERT INTO request_id (digest, seen) SELECT j.value ->> 0, j.value ->> 1 FROM json_each(?) AS j WHERE true
+                                ON CONFLICT DO NOTHING
+                                """).execute(arguments: [rows.requestIDs.closed])
                         }
                     }
-                    for (id, total) in batch.totals {
-                        let family = self.families[total.family]
-                        try add(total.amount, to: id, metric: self.metricIDs[total.family], labels: LabelsJSON.encode(total.series.labels, names: family.labelNames))
-                    }
-                    var hours = JSONRows()
-                    for (key, amount) in batch.hourly { hours.append(key.id, key.hour, Int64(bitPattern: amount)) }
-                    var outcomeTotals: [CallbackOutcome: UInt64] = [:]
-                    for (key, count) in batch.outcomes {
-                        outcomeTotals[key.outcome, default: 0] &+= count
-                        hours.append(self.outcomeSeries[key.outcome]!, key.hour, Int64(bitPattern: count))
-                    }
-                    for (outcome, count) in outcomeTotals {
-                        try add(count, to: self.outcomeSeries[outcome]!, metric: self.outcomesMetricID, labels: LabelsJSON.encode([outcome.rawValue], names: ["outcome"]))
-                    }
-                    var requestIDs = JSONRows()
-                    for (digest, seen) in batch.requestIDs { requestIDs.append(Int64(bitPattern: digest), seen) }
-                    if !additions.isEmpty {
+                    try db.cachedStatement(sql: "UPDATE ledger_state SET value = max(value, ?) WHERE key = 'last_commit'").execute(arguments: [now])
+                    if let journalSequence {
                         try db.cachedStatement(sql: """
-                            UPDATE series SET total = total + j.value ->> 1 FROM json_each(?) AS j WHERE series.id = j.value ->> 0
-                            """).execute(arguments: [additions.closed])
+                            INSERT INTO ledger_state VALUES ('journal_sequence', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value
+                            """).execute(arguments: [Int64(bitPattern: journalSequence)])
                     }
-                    if !hours.isEmpty {
-                        try db.cachedStatement(sql: """
-                            INSERT INTO usage_hourly (series_id, hour, amount)
-                            SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM json_each(?) AS j WHERE true
-                            ON CONFLICT (series_id, hour) DO UPDATE SET amount = amount + excluded.amount
-                            """).execute(arguments: [hours.closed])
-                    }
-                    if !requestIDs.isEmpty {
-                        try db.cachedStatement(sql: """
-                            INSERT INTO request_id (digest, seen) SELECT j.value ->> 0, j.value ->> 1 FROM json_each(?) AS j WHERE true
-                            ON CONFLICT DO NOTHING
-                            """).execute(arguments: [requestIDs.closed])
-                    }
-                    try db.cachedStatement(sql: "UPDATE ledger_state SET value = ? WHERE key = 'last_commit'").execute(arguments: [now])
                     if prune {
                         try db.execute(sql: "DELETE FROM usage_hourly WHERE hour < ?", arguments: [LedgerBatch.hour(of: now) - self.retention])
                         try db.execute(sql: "DELETE FROM request_id WHERE seen <= ?", arguments: [now - self.requestIDWindow])
@@ -234,8 +253,6 @@ public final class UsageLedger: LedgerEngine {
             throw Self.failure(self.path, error)
         }
         if prune { self.lastPrune = now }
-        for id in inserted { self.stored.insert(id) }
-        return []
     }
 
     /// Checkpoints and truncates the WAL, so the directory holds one file at rest, and releases
@@ -321,17 +338,19 @@ public final class UsageLedger: LedgerEngine {
 
     /// Refuses a file that is not a database this build can continue, reading it without
     /// changing it: the header by hand, then SQLite on an immutable, read-only connection.
-    private static func check(_ path: String) throws(LedgerError) {
+    /// Returns the last journal record the database holds.
+    @discardableResult
+    private static func check(_ path: String) throws(LedgerError) -> UInt64 {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
-            if errno == ENOENT { return }
+            if errno == ENOENT { return 0 }
             throw .unusableDirectory(path, "cannot read it: \(String(cString: strerror(errno)))")
         }
         var header = [UInt8](repeating: 0, count: 16)
         let count = header.withUnsafeMutableBytes { read(fd, $0.baseAddress, 16) }
         Glibc.close(fd)
         // SQLite writes nothing until the first commit: an empty file has never held a count.
-        if count == 0 { return }
+        if count == 0 { return 0 }
         guard count == 16, header == Array("SQLite format 3\0".utf8) else {
             throw .damaged(path, "not a SQLite database")
         }
@@ -365,6 +384,8 @@ public final class UsageLedger: LedgerEngine {
         }
         let integrity = try single("PRAGMA quick_check(1)")
         guard integrity == "ok" else { throw .damaged(path, "fails SQLite's integrity check: \(integrity)") }
+        guard version > 0 else { return 0 }
+        return UInt64(try single("SELECT coalesce((SELECT value FROM ledger_state WHERE key = 'journal_sequence'), 0)")) ?? 0
     }
 
     private static func failure(_ path: String, _ error: any Error) -> LedgerError {
@@ -397,24 +418,6 @@ public enum LedgerError: Error, CustomStringConvertible, Equatable {
         case .unreachable(let place, let reason): "\(place): not reachable: \(reason)"
         }
     }
-}
-
-/// Rows of integers as a JSON array of arrays, `[[1,2],[3,4]]`, for `json_each`.
-struct JSONRows {
-    private var text = "["
-    var isEmpty: Bool { self.text.utf8.count == 1 }
-
-    mutating func append(_ values: Int64...) {
-        if !self.isEmpty { self.text += "," }
-        self.text += "["
-        for (index, value) in values.enumerated() {
-            if index > 0 { self.text += "," }
-            self.text += String(value)
-        }
-        self.text += "]"
-    }
-
-    var closed: String { self.text + "]" }
 }
 
 /// Series ids that are stored, as bits: ids are dense from 1, so a million series take 125 KB.

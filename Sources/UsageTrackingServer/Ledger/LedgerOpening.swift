@@ -9,12 +9,15 @@ extension LedgerWriter {
         _ directory: String, configuration: ServerConfiguration, metrics: UsageMetrics, logger: Logger
     ) throws -> LedgerWriter {
         let started = monotonicNanoseconds()
-        let ledger: UsageLedger
+        let ledger: any LedgerEngine
         let restored: RestoredCounts
         do {
-            ledger = try UsageLedger(
+            let database = try UsageLedger(
                 directory: directory, families: metrics.families, seriesIDs: metrics.seriesIDs, retentionDays: configuration.ledgerRetentionDays
             )
+            // `always`: a callback waits for a journal append, not for a database commit.
+            ledger = configuration.fsync == .always
+                ? JournaledLedger(database, directory: directory, maxRequestIDs: metrics.requestIDs?.maxIDs ?? 0) : database
             restored = try ledger.restore(into: metrics, requestIDs: metrics.requestIDs, now: LedgerWriter.now())
         } catch {
             throw StateDirectoryError(underlying: error)
