@@ -263,6 +263,8 @@ public struct CallbackDecoder: Sendable {
 
     /// One label value for any way a set arrives: "a", "b, a" or ["a","b"] all become "a,b".
     private func set(_ label: DecodingPlan.Label, _ fields: ScannedFields, _ headers: [String?], _ problems: inout Problems) -> String {
+        // The common case, one plain name, needs no array, splitting or sorting.
+        if case .body(let field) = label.input, case .text(let only?)? = fields.values[field], Self.isPlainName(only) { return only }
         let name = label.problemName
         let items: [String?]
         switch label.input {
@@ -283,12 +285,7 @@ public struct CallbackDecoder: Sendable {
                 return ""
             }
         }
-        // The common case, one plain name, needs no splitting or sorting.
-        if items.count == 1, let only = items[0], !only.utf8.contains(UInt8(ascii: ",")),
-            only.utf8.first.map({ $0 > 0x20 }) ?? true, only.utf8.last.map({ $0 > 0x20 }) ?? true
-        {
-            return only
-        }
+        if items.count == 1, let only = items[0], Self.isPlainName(only) { return only }
         guard items.allSatisfy({ $0 != nil }) else {
             problems.add(label.rank, "\(name): not valid UTF-8")
             return ""
@@ -309,6 +306,16 @@ public struct CallbackDecoder: Sendable {
         unique.reserveCapacity(names.count)
         for name in names where !(unique.last?.hasSameBytes(as: name) ?? false) { unique.append(name) }
         return unique.joined(separator: ",")
+    }
+}
+
+extension CallbackDecoder {
+    /// A set's value that is already one member as it would be exposed: no comma, nothing to trim.
+    fileprivate static func isPlainName(_ value: String) -> Bool {
+        var value = value
+        return value.withUTF8 { bytes in
+            bytes.isEmpty || (bytes[0] > 0x20 && bytes[bytes.count - 1] > 0x20 && !bytes.contains(UInt8(ascii: ",")))
+        }
     }
 }
 

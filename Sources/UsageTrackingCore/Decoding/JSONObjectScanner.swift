@@ -36,13 +36,14 @@ struct JSONObjectScanner {
                 if topLevel { fields.addUnknown(name.string ?? "(not UTF-8)") }
                 return
             }
-            let entry = table.entries[index]
-            if let children = entry.children, scanner.peek() == UInt8(ascii: "{") {
+            // The entry's parts read one by one: a copy of the whole entry retains its name too.
+            let wanted = table.entries[index].field
+            if let children = table.entries[index].children, scanner.peek() == UInt8(ascii: "{") {
                 guard depth < Self.maximumDepth else { throw scanner.error("nested deeper than \(Self.maximumDepth) levels") }
                 if topLevel { fields.enter(branch: index) }
-                if let field = entry.field { fields.add(field, .other("object")) }
+                if let field = wanted { fields.add(field, .other("object")) }
                 try scanner.readMembers(of: children, depth: depth + 1, topLevel: false, into: &fields)
-            } else if let field = entry.field {
+            } else if let field = wanted {
                 fields.add(field, try scanner.readFieldValue())
             } else {
                 // A name on the way to a wanted field, holding something other than an object:
@@ -357,5 +358,11 @@ struct JSONObjectScanner {
 func validatedString(_ bytes: UnsafeRawBufferPointer) -> String? {
     var combined: UInt8 = 0
     for byte in bytes { combined |= byte }
-    return combined < 0x80 ? String(decoding: bytes, as: UTF8.self) : String(validating: bytes, as: UTF8.self)
+    guard combined < 0x80 else { return String(validating: bytes, as: UTF8.self) }
+    // Written into the new string's storage: a short ASCII one (most values) then skips the
+    // UTF-8 validation that `String(decoding:as:)` repeats.
+    return String(unsafeUninitializedCapacity: bytes.count) { storage in
+        UnsafeMutableRawBufferPointer(storage).copyMemory(from: bytes)
+        return bytes.count
+    }
 }
