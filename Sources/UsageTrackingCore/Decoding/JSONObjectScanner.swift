@@ -198,12 +198,13 @@ struct JSONObjectScanner {
 
     /// A string's content: the bytes between the quotes when it has no escapes, else decoded.
     private enum RawString {
-        case verbatim(UnsafeRawBufferPointer)
+        /// `ascii`: every byte is below 0x80, so the string needs no UTF-8 validation.
+        case verbatim(UnsafeRawBufferPointer, ascii: Bool)
         case decoded([UInt8])
 
         func entry(in table: FieldTable) -> Int? {
             switch self {
-            case .verbatim(let bytes): table.find(bytes)
+            case .verbatim(let bytes, _): table.find(bytes)
             case .decoded(let bytes): table.find(bytes)
             }
         }
@@ -211,7 +212,7 @@ struct JSONObjectScanner {
         /// nil when the bytes, or a lone surrogate escape, are not valid UTF-8.
         var string: String? {
             switch self {
-            case .verbatim(let bytes): validatedString(bytes)
+            case .verbatim(let bytes, let ascii): ascii ? asciiString(bytes) : validatedString(bytes)
             case .decoded(let bytes): bytes.withUnsafeBytes { validatedString($0) }
             }
         }
@@ -226,12 +227,14 @@ struct JSONObjectScanner {
         self.index += 1
         let start = self.index
         // Fast path: no escapes, so the string is the bytes between the quotes.
+        var combined: UInt8 = 0
         while let byte = self.peek() {
             if byte == UInt8(ascii: "\"") {
                 let raw = UnsafeRawBufferPointer(rebasing: self.bytes[start..<self.index])
                 self.index += 1
-                return .verbatim(raw)
+                return .verbatim(raw, ascii: combined < 0x80)
             }
+            combined |= byte
             if byte == UInt8(ascii: "\\") { break }
             guard byte >= 0x20 else { throw self.error("control character in a string") }
             self.index += 1
@@ -358,10 +361,13 @@ struct JSONObjectScanner {
 func validatedString(_ bytes: UnsafeRawBufferPointer) -> String? {
     var combined: UInt8 = 0
     for byte in bytes { combined |= byte }
-    guard combined < 0x80 else { return String(validating: bytes, as: UTF8.self) }
-    // Written into the new string's storage: a short ASCII one (most values) then skips the
-    // UTF-8 validation that `String(decoding:as:)` repeats.
-    return String(unsafeUninitializedCapacity: bytes.count) { storage in
+    return combined < 0x80 ? asciiString(bytes) : String(validating: bytes, as: UTF8.self)
+}
+
+/// A string from bytes known to be ASCII. Written into the new string's storage: a short one
+/// (most values) then skips the UTF-8 validation that `String(decoding:as:)` repeats.
+func asciiString(_ bytes: UnsafeRawBufferPointer) -> String {
+    String(unsafeUninitializedCapacity: bytes.count) { storage in
         UnsafeMutableRawBufferPointer(storage).copyMemory(from: bytes)
         return bytes.count
     }
