@@ -120,7 +120,12 @@ struct ScannedFields {
     let mergesRepeats: Bool
 
     init(fieldCount: Int, listFields: [Bool], mergesRepeats: Bool) {
-        self.values = Array(repeating: nil, count: fieldCount)
+        // Reserved and appended rather than `Array(repeating:count:)`, whose allocation runs
+        // unspecialised in the runtime and looks up the array's type metadata every time.
+        var values: [FieldValue?] = []
+        values.reserveCapacity(fieldCount)
+        for _ in 0..<fieldCount { values.append(nil) }
+        self.values = values
         self.listFields = listFields
         self.mergesRepeats = mergesRepeats
     }
