@@ -89,6 +89,12 @@ public final class CounterFamily: Sendable {
             return true
         }
         func hash(into hasher: inout Hasher) { hasher.combine(self.hash) }
+        /// What the stripe's dictionary buckets by: `hash` is a finished SipHash already, so it is
+        /// not hashed a second time. Rotated, so that the buckets take bits the stripe did not.
+        func _rawHashValue(seed: Int) -> Int {
+            let bits = UInt(bitPattern: self.hash)
+            return Int(bitPattern: bits >> 32 | bits << 32) ^ seed
+        }
     }
 
     private func stripe(for key: SeriesKey) -> Stripe {
@@ -145,10 +151,15 @@ public final class CounterFamily: Sendable {
     private static func add(_ amount: UInt64, to key: SeriesKey, in stripe: Stripe, exposing: Bool = true) -> Int64? {
         stripe.series.withLock { series in
             guard let index = series.index(forKey: key) else { return nil }
-            series.values[index].count &+= amount
-            if exposing { series.values[index].exposed = true }
-            return series.values[index].id
+            return Self.add(amount, to: &series.values[index], exposing: exposing)
         }
+    }
+
+    /// One access to the stored series for the count, the exposure and the id.
+    private static func add(_ amount: UInt64, to series: inout Series, exposing: Bool) -> Int64 {
+        series.count &+= amount
+        if exposing { series.exposed = true }
+        return series.id
     }
 
     /// Puts back a series read from the ledger at startup, with its id and count, before any

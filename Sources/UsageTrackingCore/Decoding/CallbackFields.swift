@@ -1,3 +1,5 @@
+import Glibc
+
 /// The body fields a schema reads, compiled so that scanners match member names by their bytes:
 /// a name that is not wanted never becomes a `String` unless it is kept for the debug view.
 ///
@@ -49,10 +51,9 @@ final class FieldTable: Sendable {
 
     /// The entry whose name has exactly these bytes: lengths first, so most misses cost one compare.
     func find(_ name: UnsafeRawBufferPointer) -> Int? {
-        for index in self.entries.indices {
-            let expected = self.entries[index].name
-            guard expected.count == name.count else { continue }
-            let same = expected.withUnsafeBytes { $0.elementsEqual(name) }
+        for index in self.entries.indices where self.entries[index].name.count == name.count {
+            // memcmp: the generic `elementsEqual` costs several instructions a byte.
+            let same = self.entries[index].name.withUnsafeBytes { name.isEmpty || memcmp($0.baseAddress!, name.baseAddress!, name.count) == 0 }
             if same { return index }
         }
         return nil
@@ -119,7 +120,12 @@ struct ScannedFields {
     let mergesRepeats: Bool
 
     init(fieldCount: Int, listFields: [Bool], mergesRepeats: Bool) {
-        self.values = Array(repeating: nil, count: fieldCount)
+        // Reserved and appended rather than `Array(repeating:count:)`, whose allocation runs
+        // unspecialised in the runtime and looks up the array's type metadata every time.
+        var values: [FieldValue?] = []
+        values.reserveCapacity(fieldCount)
+        for _ in 0..<fieldCount { values.append(nil) }
+        self.values = values
         self.listFields = listFields
         self.mergesRepeats = mergesRepeats
     }

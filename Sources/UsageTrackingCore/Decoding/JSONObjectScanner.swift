@@ -36,13 +36,14 @@ struct JSONObjectScanner {
                 if topLevel { fields.addUnknown(name.string ?? "(not UTF-8)") }
                 return
             }
-            let entry = table.entries[index]
-            if let children = entry.children, scanner.peek() == UInt8(ascii: "{") {
+            // The entry's parts read one by one: a copy of the whole entry retains its name too.
+            let wanted = table.entries[index].field
+            if let children = table.entries[index].children, scanner.peek() == UInt8(ascii: "{") {
                 guard depth < Self.maximumDepth else { throw scanner.error("nested deeper than \(Self.maximumDepth) levels") }
                 if topLevel { fields.enter(branch: index) }
-                if let field = entry.field { fields.add(field, .other("object")) }
+                if let field = wanted { fields.add(field, .other("object")) }
                 try scanner.readMembers(of: children, depth: depth + 1, topLevel: false, into: &fields)
-            } else if let field = entry.field {
+            } else if let field = wanted {
                 fields.add(field, try scanner.readFieldValue())
             } else {
                 // A name on the way to a wanted field, holding something other than an object:
@@ -197,12 +198,13 @@ struct JSONObjectScanner {
 
     /// A string's content: the bytes between the quotes when it has no escapes, else decoded.
     private enum RawString {
-        case verbatim(UnsafeRawBufferPointer)
+        /// `ascii`: every byte is below 0x80, so the string needs no UTF-8 validation.
+        case verbatim(UnsafeRawBufferPointer, ascii: Bool)
         case decoded([UInt8])
 
         func entry(in table: FieldTable) -> Int? {
             switch self {
-            case .verbatim(let bytes): table.find(bytes)
+            case .verbatim(let bytes, _): table.find(bytes)
             case .decoded(let bytes): table.find(bytes)
             }
         }
@@ -210,7 +212,7 @@ struct JSONObjectScanner {
         /// nil when the bytes, or a lone surrogate escape, are not valid UTF-8.
         var string: String? {
             switch self {
-            case .verbatim(let bytes): validatedString(bytes)
+            case .verbatim(let bytes, let ascii): ascii ? asciiString(bytes) : validatedString(bytes)
             case .decoded(let bytes): bytes.withUnsafeBytes { validatedString($0) }
             }
         }
@@ -225,12 +227,14 @@ struct JSONObjectScanner {
         self.index += 1
         let start = self.index
         // Fast path: no escapes, so the string is the bytes between the quotes.
+        var combined: UInt8 = 0
         while let byte = self.peek() {
             if byte == UInt8(ascii: "\"") {
                 let raw = UnsafeRawBufferPointer(rebasing: self.bytes[start..<self.index])
                 self.index += 1
-                return .verbatim(raw)
+                return .verbatim(raw, ascii: combined < 0x80)
             }
+            combined |= byte
             if byte == UInt8(ascii: "\\") { break }
             guard byte >= 0x20 else { throw self.error("control character in a string") }
             self.index += 1
@@ -357,5 +361,14 @@ struct JSONObjectScanner {
 func validatedString(_ bytes: UnsafeRawBufferPointer) -> String? {
     var combined: UInt8 = 0
     for byte in bytes { combined |= byte }
-    return combined < 0x80 ? String(decoding: bytes, as: UTF8.self) : String(validating: bytes, as: UTF8.self)
+    return combined < 0x80 ? asciiString(bytes) : String(validating: bytes, as: UTF8.self)
+}
+
+/// A string from bytes known to be ASCII. Written into the new string's storage: a short one
+/// (most values) then skips the UTF-8 validation that `String(decoding:as:)` repeats.
+func asciiString(_ bytes: UnsafeRawBufferPointer) -> String {
+    String(unsafeUninitializedCapacity: bytes.count) { storage in
+        UnsafeMutableRawBufferPointer(storage).copyMemory(from: bytes)
+        return bytes.count
+    }
 }

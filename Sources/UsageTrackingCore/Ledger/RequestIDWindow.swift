@@ -42,15 +42,23 @@ public final class RequestIDWindow: Sendable {
     }
 
     public static func digest(_ id: String) -> UInt64 {
-        SHA256.hash(data: Array(id.utf8)).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+        // Hashed in place: no copy of the id into an array first.
+        var id = id
+        var hash = SHA256()
+        id.withUTF8 { hash.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+        return hash.finalize().withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
     }
 
     /// True when `digest` was not seen within the window, and is now recorded as seen at `now`.
     public func claim(_ digest: UInt64, at now: Int64) -> Bool {
         self.state.withLock { state in
             self.expire(&state, now: now)
-            if let time = state.seen[digest], now - time < self.window { return false }
-            self.record(&state, digest, at: now)
+            // One hash lookup for the common case, a new id: written first, put back if a repeat.
+            if let time = state.seen.updateValue(now, forKey: digest), now - time < self.window {
+                state.seen[digest] = time
+                return false
+            }
+            self.order(&state, digest, at: now)
             return true
         }
     }
@@ -72,6 +80,11 @@ public final class RequestIDWindow: Sendable {
 
     private func record(_ state: inout State, _ digest: UInt64, at time: Int64) {
         state.seen[digest] = time
+        self.order(&state, digest, at: time)
+    }
+
+    /// Appends a digest just written to `seen` to the claim order, within the bounds.
+    private func order(_ state: inout State, _ digest: UInt64, at time: Int64) {
         state.order.append((digest, time))
         while state.seen.count > self.maxIDs, let oldest = self.popOldest(&state) {
             state.seen.removeValue(forKey: oldest.digest)
@@ -94,7 +107,8 @@ public final class RequestIDWindow: Sendable {
         while state.head < state.order.count, now - state.order[state.head].time >= self.window {
             let entry = state.order[state.head]
             state.head += 1
-            if state.seen[entry.digest] == entry.time { state.seen.removeValue(forKey: entry.digest) }
+            // One hash lookup for both the check and the removal.
+            if let index = state.seen.index(forKey: entry.digest), state.seen.values[index] == entry.time { state.seen.remove(at: index) }
         }
     }
 

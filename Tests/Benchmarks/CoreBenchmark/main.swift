@@ -1,16 +1,25 @@
 // Times the core's hot path and exposition in a release build, with Foundation's JSONDecoder
 // measured in the same run as the reference. Prints figures; asserts nothing.
 //
-//   swift run -c release usage-tracking-core-benchmark [--only NAME] [--scale N]
+//   swift run -c release usage-tracking-core-benchmark [--only NAME] [--scale N] [--iterations N]
 //
-// `--only track` runs just the hot path, for `valgrind --tool=callgrind`.
+// `--only track` runs just the hot path, for `valgrind --tool=callgrind`; `--only
+// track-with-request-id` adds what /track does for an `x-request-id` (its digest and the window's
+// claim). `--iterations` sets their callback count, so that two runs differenced give the
+// instructions per callback without the startup:
+//
+//   valgrind --tool=callgrind --toggle-collect='*7measure_10operations*' \
+//       .build/release/usage-tracking-core-benchmark --only track --iterations 100000
 import Foundation
 import UsageTrackingCore
 
 let arguments = CommandLine.arguments
 let only = arguments.firstIndex(of: "--only").map { arguments[$0 + 1] }
 let scale = arguments.firstIndex(of: "--scale").flatMap { Int(arguments[$0 + 1]) } ?? 1
+let iterationsGiven = arguments.firstIndex(of: "--iterations").flatMap { Int(arguments[$0 + 1]) }
 
+// Not inlined, so that callgrind can count only what runs inside it (`--toggle-collect`).
+@inline(never)
 func measure(_ name: String, operations: Int, _ body: () -> Void) -> Double {
     let start = DispatchTime.now().uptimeNanoseconds
     body()
@@ -27,7 +36,7 @@ let bodies: [[UInt8]] = (0..<100).map {
 if only == nil || only == "track" {
     let decoder = CallbackDecoder()
     let metrics = UsageMetrics()
-    let iterations = 1_000_000 * scale / (only == nil ? 1 : 10)
+    let iterations = iterationsGiven ?? 1_000_000 * scale / (only == nil ? 1 : 10)
     let ours = measure("decode + validate + increment (CallbackDecoder)", operations: iterations) {
         for i in 0..<iterations {
             let callback = try! decoder.decode(bodies[i % 100], contentType: "application/json")
@@ -46,6 +55,31 @@ if only == nil || only == "track" {
         }
         print("ratio: CallbackDecoder path takes \(String(format: "%.2f", ours / foundation))x the time of the JSONDecoder path")
     }
+}
+
+// The same callbacks, each with a unique request id, as /track handles one (memory only): the
+// id's digest, then its claim in a window at its steady state (600 s at 1,000 callbacks a second,
+// the defaults' window, already full when timing starts). The ids are made before timing, as
+// the server gets them from the request's headers.
+if only == nil || only == "track-with-request-id" {
+    let decoder = CallbackDecoder()
+    let metrics = UsageMetrics()
+    let iterations = iterationsGiven ?? 1_000_000 * scale / (only == nil ? 1 : 10)
+    let perSecond = 1_000, window: Int64 = 600, start: Int64 = 1_700_000_000
+    let requestIDs = RequestIDWindow(window: window, maxIDs: 1_000_000)
+    for i in 0..<Int(window) * perSecond {
+        requestIDs.restore(RequestIDWindow.digest("earlier-\(i)"), at: start - window + Int64(i / perSecond))
+    }
+    // Shaped like the UUIDs gateways send.
+    let ids = (0..<iterations).map { "5f0c7d2e-9b1a-4c3d-8e6f-\(String(100_000_000_000 + $0))" }
+    let withID = measure("decode + validate + request id + increment", operations: iterations) {
+        for i in 0..<iterations {
+            let callback = try! decoder.decode(bodies[i % 100], contentType: "application/json")
+            guard requestIDs.claim(RequestIDWindow.digest(ids[i]), at: start + Int64(i / perSecond)) else { fatalError("a unique id was a duplicate") }
+            metrics.count(callback)
+        }
+    }
+    print("request ids remembered: \(requestIDs.count), evicted: \(requestIDs.evictions) (\(String(format: "%.0f", withID)) ns/op)")
 }
 
 if only == nil || only == "exposition" {
