@@ -16,6 +16,9 @@ final class ServerState: Sendable {
 
     let configuration: ServerConfiguration
     let logger: Logger
+    /// The logger's level admits debug lines. Read once: asking the logger costs a copy of its
+    /// handler, on every callback.
+    let logsDebug: Bool
     let metrics: UsageMetrics
     let decoder: CallbackDecoder
     let secrets: CallbackSecrets
@@ -46,6 +49,7 @@ final class ServerState: Sendable {
         self.ledgerWriter = ledgerWriter
         self.configuration = configuration
         self.logger = logger
+        self.logsDebug = logger.logLevel <= .debug
         self.metrics = metrics
         self.secrets = secrets
         self.labelHasher = configuration.labelHMACKey.map { LabelHasher(key: $0) }

@@ -126,8 +126,9 @@ enum TrackEndpoint {
         state.status?.rates.record(.accepted)
         let requestID = Self.requestID(head)
         state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID, sender: sender))
-        // The metadata is an autoclosure: built only when debug logging is on.
-        state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID))
+        if state.logsDebug {
+            state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID))
+        }
     }
 
     /// A repeated request id: answered 202 like the first, shown among the refused callbacks.

@@ -3,15 +3,22 @@ enum Route: Int {
     case track, metrics, healthz, readyz, debug, status, usage, other
 
     init(uri: String) {
-        switch Self.path(of: uri) {
-        case "/track": self = .track
-        case "/metrics": self = .metrics
-        case "/healthz": self = .healthz
-        case "/readyz": self = .readyz
-        case "/debug": self = .debug
-        case "/": self = .status
-        case "/usage": self = .usage
-        default: self = .other
+        // The usual target, a bare path (its own `path(of:)`), is compared as the String it is:
+        // no slicing, and none of Substring's generic comparison, on every request.
+        let isBarePath = uri.hasPrefix("/") && !uri.utf8.contains(UInt8(ascii: "?"))
+        self = Self.named(isBarePath ? uri : String(Self.path(of: uri)))
+    }
+
+    private static func named(_ path: String) -> Route {
+        switch path {
+        case "/track": .track
+        case "/metrics": .metrics
+        case "/healthz": .healthz
+        case "/readyz": .readyz
+        case "/debug": .debug
+        case "/": .status
+        case "/usage": .usage
+        default: .other
         }
     }
 
@@ -19,7 +26,8 @@ enum Route: Int {
     /// absolute-form target (`POST http://host/track`, as proxies send) too.
     static func path(of uri: String) -> Substring {
         var target = Substring(uri)
-        if !target.hasPrefix("/"), let scheme = target.firstRange(of: "://") {
+        // String's `hasPrefix`, not Substring's generic one: same answer, a fraction of the cost.
+        if !uri.hasPrefix("/"), let scheme = target.firstRange(of: "://") {
             let afterAuthority = target[scheme.upperBound...].firstIndex(of: "/") ?? target.endIndex
             target = target[afterAuthority...]
             if target.isEmpty { return "/" }
