@@ -214,6 +214,7 @@ def test_ledger_query_shown_reads_what_was_counted(tmp_path):
     service = Service("--state-dir", str(state), wrapper=at("2026-12-01 00:00:00"))
     try:
         send(service, "carol", 2)
+        time.sleep(1.5)  # `always` mode: the snapshot holds what the journal's last fold wrote in (README)
         run = snapshot.replace("usage-tracking", service.binary, 1).replace("/var/lib/usage-tracking", str(state))
         run = run.replace("/tmp/ledger.sqlite", str(copy))
         result = subprocess.run(run, shell=True, capture_output=True, text=True, timeout=20)

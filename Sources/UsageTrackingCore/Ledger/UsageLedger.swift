@@ -16,7 +16,10 @@ import Glibc
 /// - Contents (README, "The ledger"): `metric` (name and label names), `series` (labels as a JSON
 ///   object and the running total, which is what `/metrics` exposes), `usage_hourly` (what each
 ///   series counted in each UTC hour, kept `retentionDays`), `request_id` (digests of request ids
-///   within the dedupe window), `ledger_state` (time of the last commit).
+///   within the dedupe window), `ledger_state` (time of the last commit, last journal record held).
+/// - The journal (`LedgerJournal`, written by `JournaledLedger` in `always` mode): its records
+///   after the last one the database holds are read at `init` (damage refused like the
+///   database's) and written in by `restore`, in either mode, before anything is read back.
 /// - Startup never loses a count silently: a file that is not a SQLite database, a database that
 ///   fails SQLite's `quick_check`, or one written by a newer version stops the process with a
 ///   message naming the file, and the database and its WAL are left as they were (the checks
@@ -32,6 +35,7 @@ public final class UsageLedger: LedgerEngine {
     public static let schemaVersion = 1
 
     public let path: String
+    private let directory: String
     public var location: (key: String, value: String) { ("file", self.path) }
     private let queue: DatabaseQueue
     private let lock: DirectoryLock
@@ -55,6 +59,7 @@ public final class UsageLedger: LedgerEngine {
         self.families = families
         self.seriesIDs = seriesIDs
         self.retention = Int64(retentionDays) * 86_400
+        self.directory = directory
         self.path = directory.hasSuffix("/") ? directory + Self.databaseName : directory + "/" + Self.databaseName
         if mkdir(directory, 0o700) != 0, errno != EEXIST {
             throw .unusableDirectory(directory, "cannot create it: \(String(cString: strerror(errno)))")
@@ -99,6 +104,13 @@ public final class UsageLedger: LedgerEngine {
     @discardableResult
     public func restore(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64) throws(LedgerError) -> RestoredCounts {
         self.requestIDWindow = requestIDs?.window ?? 0
+        let restored = try self.restoreReadingBack(into: metrics, requestIDs: requestIDs, now: now)
+        // Everything the journal held is in the database now (`JournaledLedger` makes new files).
+        LedgerJournal(directory: self.directory).remove()
+        return restored
+    }
+
+    private func restoreReadingBack(into metrics: UsageMetrics, requestIDs: RequestIDWindow?, now: Int64) throws(LedgerError) -> RestoredCounts {
         if let last = self.journalRecords.last {
             try self.write(self.journalRecords.map(\.rows), journalSequence: last.sequence, now: self.journalRecords.map(\.rows.now).max()!, prune: false)
             self.journalSequence = last.sequence
@@ -208,13 +220,13 @@ public final class UsageLedger: LedgerEngine {
             try self.queue.writeWithoutTransaction { db in
                 try db.inTransaction(.immediate) {
                     for rows in batches {
-                        // Each new series once per batch; the journal's replay may meet one again in a
-                        // later record (not yet known to have a row when that was written), so it adds.
+                        // A series is new in one record only: an id that has a row already means a
+                        // journal from another history (a build that ignored it ran in between), and
+                        // the replay fails rather than add to the wrong series.
                         if !rows.newSeries.isEmpty {
                             try db.cachedStatement(sql: """
                                 INSERT INTO series (id, metric_id, labels, total)
-                                SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?) AS j WHERE true
-                                ON CONFLICT (id) DO UPDATE SET total = total + excluded.total
+                                SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?) AS j
                                 """).execute(arguments: [rows.newSeries.closed])
                         }
                         if !rows.additions.isEmpty {

@@ -7,7 +7,8 @@ import Synchronization
 import UsageTrackingCore
 
 /// The ledger's only user after startup: one thread that commits what the callbacks counted,
-/// through `LedgerEngine` (SQLite today), whose contract it relies on.
+/// through `LedgerEngine` (SQLite, behind its journal in `always` mode, or PostgreSQL), whose
+/// contract it relies on.
 ///
 /// Contract:
 /// - `always` mode: a callback is handed over with `commit` and its reply waits on the future;

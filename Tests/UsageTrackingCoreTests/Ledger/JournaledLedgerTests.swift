@@ -126,7 +126,7 @@ private func users(_ metrics: UsageMetrics) -> [String: UInt64] {
         let before = Self.fingerprints(image)
 
         let path = image.path + "/" + LedgerJournal.names[0]
-        #expect(throws: LedgerError.damaged(path, "journal record 3 at byte \(Self.offsets(image.bytes(LedgerJournal.names[0])!)[2]) follows one that fails its checksum at byte \(second)")) {
+        #expect(throws: LedgerError.damaged(path, "journal record 3 at byte \(second + LedgerJournal.alignment) is intact, but the record before it at byte \(second) is not")) {
             try journaled(image, UsageMetrics()).restore(into: UsageMetrics(), requestIDs: nil, now: now)
         }
         #expect(Self.fingerprints(image) == before)
@@ -196,7 +196,7 @@ private func users(_ metrics: UsageMetrics) -> [String: UInt64] {
         while offset + LedgerJournal.headerSize <= file.count, file[offset] == 0xFF {
             offsets.append(offset)
             let length = file[(offset + 4)..<(offset + 8)].reversed().reduce(0) { $0 << 8 | Int($1) }
-            offset += LedgerJournal.headerSize + length
+            offset = (offset + LedgerJournal.headerSize + length + LedgerJournal.alignment - 1) / LedgerJournal.alignment * LedgerJournal.alignment
         }
         return offsets
     }

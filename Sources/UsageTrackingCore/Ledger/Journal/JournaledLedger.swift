@@ -35,6 +35,10 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
         var folded: UInt64 = 0
         /// Why the last fold failed, until one succeeds.
         var failure: LedgerError?
+        /// When a fold last succeeded (wall-clock seconds).
+        var lastFold: Int64
+        /// A commit has asked for a fold that has not started yet.
+        var urged = false
         var stopping = false
     }
 
@@ -68,7 +72,7 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
         self.ledger = ledger
         self.foldInterval = foldInterval
         self.journal = LedgerJournal(directory: directory)
-        self.pending = Mutex(Pending(batch: LedgerBatch(maxRequestIDs: maxRequestIDs)))
+        self.pending = Mutex(Pending(batch: LedgerBatch(maxRequestIDs: maxRequestIDs), lastFold: Int64(time(nil))))
         self.carried = LedgerBatch(maxRequestIDs: maxRequestIDs)
     }
 
@@ -97,30 +101,55 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
         batch.settle(refused: [], at: now)
         let (failure, folded) = self.pending.withLock { ($0.failure, $0.folded) }
         if let failure { throw failure }
-        guard !batch.isEmpty else { return [] }
+        guard !batch.isEmpty else {
+            // The writer's heartbeat: the ledger is alive only if its folds still succeed.
+            let since = now - self.pending.withLock { $0.lastFold }
+            guard since <= 2 * Int64(Self.heartbeat / 1_000_000_000) else {
+                throw .failed(self.ledger.path, "the journal has not been folded into the database for \(since) s")
+            }
+            return []
+        }
         let (rows, new) = self.encoder.rows(of: batch, known: self.known, now: now)
-        guard let sequence = try self.journal.append(rows, folded: folded) else {
+        let appended: UInt64?
+        do {
+            appended = try self.journal.append(rows, folded: folded)
+        } catch {
+            // The record may still be read back after a crash: the database records its sequence
+            // as held (its counts are not in it: the caller refuses them), so a replay skips it.
+            self.pending.withLock { $0.through = error.sequence }
+            try? self.fold(adding: nil, now: now)
+            throw error.error
+        }
+        guard let sequence = appended else {
             try self.fold(adding: batch, now: now)
             for id in new { self.known.insert(id) }
             return []
         }
         for id in new { self.known.insert(id) }
-        self.pending.withLock {
-            $0.batch.merge(batch)
-            $0.through = sequence
-            if $0.oldest == nil { $0.oldest = monotonicNanoseconds() }
+        let urge = self.pending.withLock { pending -> Bool in
+            pending.batch.merge(batch)
+            pending.through = sequence
+            if pending.oldest == nil { pending.oldest = monotonicNanoseconds() }
+            // Once per fold, not on every append while it runs.
+            guard self.journal.used > LedgerJournal.capacity / 2, !pending.urged else { return false }
+            pending.urged = true
+            return true
         }
-        if self.journal.used > LedgerJournal.capacity / 2 { self.wake.signal() }
+        if urge { self.wake.signal() }
         return []
     }
 
     public func close() {
-        if self.started {
-            self.pending.withLock { $0.stopping = true }
-            self.wake.signal()
-            self.done.wait()
-            self.started = false
+        guard self.started else {
+            // Never restored: the journal may hold records the database does not; leave them.
+            self.journal.close()
+            self.ledger.close()
+            return
         }
+        self.pending.withLock { $0.stopping = true }
+        self.wake.signal()
+        self.done.wait()
+        self.started = false
         let emptied: Bool
         do {
             try self.fold(adding: nil, now: Int64(time(nil)))
@@ -163,6 +192,7 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
             let taken = (pending.batch, pending.through, pending.failure != nil)
             pending.batch = LedgerBatch(maxRequestIDs: pending.batch.maxRequestIDs)
             pending.oldest = nil
+            pending.urged = false
             return taken
         }
         var merged = self.carried
@@ -183,6 +213,7 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
         self.pending.withLock {
             $0.folded = through
             $0.failure = nil
+            $0.lastFold = now
         }
         return .success(())
     }

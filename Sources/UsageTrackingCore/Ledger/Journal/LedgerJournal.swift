@@ -10,21 +10,24 @@ import Glibc
 /// - Files: `usage.journal-0` and `usage.journal-1` in the state directory, each preallocated to
 ///   `capacity` with zeros, so that an append changes no file size and its fdatasync writes the
 ///   data alone (about half the cost of a sync that also writes the inode).
-/// - Records, back to back from the start of a file: magic, payload length, sequence (one more
-///   than the record before it, across both files), CRC-32 of the length, the sequence and the
-///   payload, then the payload. An append that fails leaves the next record to overwrite it.
+/// - Records, from the start of a file, each on a 512-byte boundary: magic, payload length,
+///   sequence (one more than the record before it, across both files), CRC-32 of the length, the
+///   sequence and the payload, then the payload. An append that fails uses up its sequence, and
+///   `JournaledLedger` has the database record it as held before appending again, so that a
+///   record whose sync failed is never read back as acknowledged.
 /// - Reuse: a file whose records the database holds (sequence ≤ the one it recorded) is written
 ///   again from its start. Records left behind from earlier rounds have older sequences, so a
 ///   reader stops at them, as at zeros or a torn record.
-/// - Damage: a whole record beyond one that fails its checksum, newer than any before, or
-///   sequences that do not continue the database's, are refused (`LedgerError.damaged`), and
-///   nothing is changed.
+/// - Damage: an intact record beyond the run, newer than any in it, or sequences that do not
+///   continue the database's, are refused (`LedgerError.damaged`), and nothing is changed.
 /// - Concurrency: not thread-safe; one committer appends.
 final class LedgerJournal {
     static let names = ["usage.journal-0", "usage.journal-1"]
     static let capacity = 4 << 20
     static let headerSize = 24
-    /// Bytes FF FE 4A 31: not UTF-8, so no label value in a payload can look like a record's start.
+    /// Records start on a sector boundary, so that a torn write of one cannot reach the sectors
+    /// of the acknowledged record before it.
+    static let alignment = 512
     private static let magic: UInt32 = 0x314A_FEFF
 
     struct Record {
@@ -40,6 +43,7 @@ final class LedgerJournal {
     /// The highest sequence written to each file since it was last started from the top.
     private var highest: [UInt64] = [0, 0]
     private(set) var nextSequence: UInt64 = 1
+    private var directorySynced = false
 
     init(directory: String) {
         self.directory = directory
@@ -64,7 +68,7 @@ final class LedgerJournal {
     /// Creates and preallocates the files if they are not yet (fsyncing the directory), so the
     /// first append does not wait for it.
     func prepare() throws(LedgerError) {
-        guard self.descriptors.contains(-1) else { return }
+        guard self.descriptors.contains(-1) || !self.directorySynced else { return }
         for (index, path) in self.paths.enumerated() where self.descriptors[index] < 0 {
             let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw .failed(path, "cannot open it: \(String(cString: strerror(errno)))") }
@@ -87,19 +91,28 @@ final class LedgerJournal {
             guard fsync(fd) == 0 else {
                 let reason = String(cString: strerror(errno))
                 Glibc.close(fd)
-                throw .failed(path, reason)
+                throw .failed(path, "cannot sync the journal: \(reason)")
             }
             self.descriptors[index] = fd
+            self.directorySynced = false
         }
+        // Until the directory is synced, the files themselves may not survive a power cut.
         try Self.syncDirectory(self.directory)
+        self.directorySynced = true
     }
 
     /// Appends `rows` as the next record and returns its sequence once it is on disk; nil when
-    /// it does not fit (no file with room whose records are all `folded`): the caller then
-    /// commits straight to the database. Throws if it cannot be written, leaving nothing that
-    /// counts.
-    func append(_ rows: LedgerRows, folded: UInt64) throws(LedgerError) -> UInt64? {
-        try self.prepare()
+    /// it does not fit (no file with room whose records are all `folded`) or the files cannot be
+    /// made (a full disk at start): the caller then commits straight to the database. Throws
+    /// `AppendFailure` if the record cannot be written or synced: its sequence is then used up,
+    /// and the caller must have the database record it as held before the next append, since a
+    /// record whose sync failed may still be read back.
+    func append(_ rows: LedgerRows, folded: UInt64) throws(AppendFailure) -> UInt64? {
+        do {
+            try self.prepare()
+        } catch {
+            return nil
+        }
         let payload = rows.encoded
         let size = Self.headerSize + payload.count
         if self.highest[self.current] <= folded {
@@ -123,26 +136,35 @@ final class LedgerJournal {
         while written < record.count {
             let count = record.withUnsafeBytes { pwrite(fd, $0.baseAddress! + written, $0.count - written, off_t(self.offset + written)) }
             if count < 0, errno == EINTR { continue }
-            guard count > 0 else { throw .failed(self.paths[self.current], "cannot write the journal: \(String(cString: strerror(errno)))") }
+            guard count > 0 else {
+                self.nextSequence += 1
+                throw AppendFailure(sequence: sequence, error: .failed(self.paths[self.current], "cannot write the journal: \(String(cString: strerror(errno)))"))
+            }
             written += count
         }
         guard fdatasync(fd) == 0 else {
-            let reason = String(cString: strerror(errno))
-            // Best effort: a record whose sync failed must not be read back if it reached the disk.
-            _ = [UInt8](repeating: 0, count: Self.headerSize).withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(self.offset)) }
-            throw .failed(self.paths[self.current], "cannot sync the journal: \(reason)")
+            self.nextSequence += 1
+            throw AppendFailure(sequence: sequence, error: .failed(self.paths[self.current], "cannot sync the journal: \(String(cString: strerror(errno)))"))
         }
-        self.offset += size
+        self.offset = Self.aligned(self.offset + size)
         self.highest[self.current] = sequence
         self.nextSequence += 1
         return sequence
     }
 
+    /// An append that failed, and the sequence it used up.
+    struct AppendFailure: Error {
+        var sequence: UInt64
+        var error: LedgerError
+    }
+
+    private static func aligned(_ offset: Int) -> Int { (offset + Self.alignment - 1) / Self.alignment * Self.alignment }
+
     /// Closes the files and removes them: called once the database holds every record.
     func remove() {
         self.close()
-        for path in self.paths { unlink(path) }
-        try? Self.syncDirectory(self.directory)
+        let removed = self.paths.filter { unlink($0) == 0 }
+        if !removed.isEmpty { try? Self.syncDirectory(self.directory) }
     }
 
     func close() {
@@ -187,7 +209,7 @@ final class LedgerJournal {
         while filled < bytes.count {
             let count = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + filled, $0.count - filled) }
             if count < 0, errno == EINTR { continue }
-            guard count > 0 else { throw .unusableDirectory(path, "cannot read it: \(String(cString: strerror(errno)))") }
+            guard count > 0 else { throw .unusableDirectory(path, count == 0 ? "cannot read it: it ended early" : "cannot read it: \(String(cString: strerror(errno)))") }
             filled += count
         }
         var records: [Record] = []
@@ -198,16 +220,16 @@ final class LedgerJournal {
                 throw .damaged(path, "journal record \(sequence) at byte \(offset) does not read back")
             }
             records.append(Record(sequence: sequence, rows: rows))
-            offset += Self.headerSize + payload.count
+            offset = Self.aligned(offset + Self.headerSize + payload.count)
         }
+        // Beyond the last record that continues the run: zeros, a torn write, or older rounds.
         let newest = max(records.last?.sequence ?? 0, folded)
-        // The magic's first byte (0xFF) occurs in no payload (UTF-8 text and small integers).
-        var scan = offset + 1
-        while scan < bytes.count, let found = bytes[scan...].firstIndex(of: 0xFF) {
-            if let (sequence, _) = Self.record(in: bytes, at: found), sequence > newest {
-                throw .damaged(path, "journal record \(sequence) at byte \(found) follows one that fails its checksum at byte \(offset)")
+        var scan = offset + Self.alignment
+        while scan + Self.headerSize <= bytes.count {
+            if let (sequence, _) = Self.record(in: bytes, at: scan), sequence > newest {
+                throw .damaged(path, "journal record \(sequence) at byte \(scan) is intact, but the record before it at byte \(offset) is not")
             }
-            scan = found + 1
+            scan += Self.alignment
         }
         return records
     }
