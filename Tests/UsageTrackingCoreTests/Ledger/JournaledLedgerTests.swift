@@ -80,13 +80,12 @@ private func users(_ metrics: UsageMetrics) -> [String: UInt64] {
         let metrics = UsageMetrics()
         let ledger = try journaled(directory, metrics, folding: .milliseconds(50))
         _ = try ledger.restore(into: metrics, requestIDs: nil, now: now)
+        let wal = directory.bytes(UsageLedger.databaseName + "-wal")?.count ?? 0
         try commit(["erin"], to: ledger, metrics)
-        var folded = ""
-        for _ in 0..<100 where folded != "1\n" {
-            usleep(20_000)
-            folded = directory.sql("SELECT value FROM ledger_state WHERE key = 'journal_sequence';")
-        }
-        #expect(folded == "1\n")
+        // Watched through the WAL's size rather than sqlite3: a child process started while another
+        // test closes its ledger would inherit, and hold, that test's directory lock for a moment.
+        for _ in 0..<100 where (directory.bytes(UsageLedger.databaseName + "-wal")?.count ?? 0) <= wal { usleep(20_000) }
+        #expect(directory.sql("SELECT value FROM ledger_state WHERE key = 'journal_sequence';") == "1\n")
         ledger.close()
     }
 

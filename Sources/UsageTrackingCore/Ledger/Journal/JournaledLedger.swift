@@ -42,8 +42,9 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
         var stopping = false
     }
 
-
-    static let heartbeat: UInt64 = 30_000_000_000
+    /// Seconds: an idle ledger still folds this often, and a heartbeat commit fails after twice
+    /// this without a successful fold.
+    static let heartbeat: Int64 = 30
     /// How long a record waits to be folded at most (tests set it longer, to hold records in the
     /// journal).
     private let foldInterval: Duration
@@ -57,11 +58,9 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
     private var encoder = LedgerRowsEncoder(labelNames: [], metricIDs: [], outcomesMetricID: 0, outcomeSeries: [:])
     private let pending: Mutex<Pending>
     /// Held by whoever writes to the database (the fold thread, or a commit that goes straight
-    /// there), with what it guards: what a failed fold took from `Pending`, and when one last
-    /// succeeded.
+    /// there), with what it guards: what a failed fold took from `Pending`.
     private let folding = Mutex(())
     private var carried: LedgerBatch
-    private var lastFold: UInt64 = 0
     private let wake = DispatchSemaphore(value: 0)
     private let done = DispatchSemaphore(value: 0)
     private var started = false
@@ -86,7 +85,8 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
             $0.folded = folded
             $0.through = folded
         }
-        // Now rather than on the first callback; a failure here is retried by the first commit.
+        // Now rather than on the first callback; until it succeeds, appends retry it and commits
+        // go straight to the database.
         try? self.journal.prepare()
         self.started = true
         DispatchQueue(label: "usage-tracking.ledger-fold").async {
@@ -104,7 +104,7 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
         guard !batch.isEmpty else {
             // The writer's heartbeat: the ledger is alive only if its folds still succeed.
             let since = now - self.pending.withLock { $0.lastFold }
-            guard since <= 2 * Int64(Self.heartbeat / 1_000_000_000) else {
+            guard since <= 2 * Self.heartbeat else {
                 throw .failed(self.ledger.path, "the journal has not been folded into the database for \(since) s")
             }
             return []
@@ -188,8 +188,8 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
     }
 
     private func foldHoldingLock(adding batch: LedgerBatch?, now: Int64, unlessIdle: Bool) -> Result<Void, LedgerError> {
-        let (taken, through, failing) = self.pending.withLock { pending in
-            let taken = (pending.batch, pending.through, pending.failure != nil)
+        let (taken, through, failing, lastFold) = self.pending.withLock { pending in
+            let taken = (pending.batch, pending.through, pending.failure != nil, pending.lastFold)
             pending.batch = LedgerBatch(maxRequestIDs: pending.batch.maxRequestIDs)
             pending.oldest = nil
             pending.urged = false
@@ -197,8 +197,7 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
         }
         var merged = self.carried
         merged.merge(taken)
-        let clock = monotonicNanoseconds()
-        if unlessIdle, merged.isEmpty, batch == nil, !failing, clock - self.lastFold < Self.heartbeat { return .success(()) }
+        if unlessIdle, merged.isEmpty, batch == nil, !failing, now - lastFold < Self.heartbeat { return .success(()) }
         var written = merged
         if let batch { written.merge(batch) }
         do {
@@ -209,7 +208,6 @@ public final class JournaledLedger: LedgerEngine, @unchecked Sendable {
             return .failure(error)
         }
         self.carried = LedgerBatch(maxRequestIDs: merged.maxRequestIDs)
-        self.lastFold = clock
         self.pending.withLock {
             $0.folded = through
             $0.failure = nil
