@@ -22,10 +22,10 @@ struct LedgerRows: Equatable {
     var encoded: [UInt8] {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(8 + 16 + self.newSeries.utf8Count + self.additions.utf8Count + self.hours.utf8Count + self.requestIDs.utf8Count)
-        withUnsafeBytes(of: self.now.littleEndian) { bytes += $0 }
+        bytes.appendLittleEndian(self.now)
         for rows in [self.newSeries, self.additions, self.hours, self.requestIDs] {
             let text = rows.closed
-            withUnsafeBytes(of: UInt32(text.utf8.count).littleEndian) { bytes += $0 }
+            bytes.appendLittleEndian(UInt32(text.utf8.count))
             bytes += text.utf8
         }
         return bytes
@@ -40,7 +40,7 @@ struct LedgerRows: Equatable {
             return rest.prefix(count)
         }
         func integer<T: FixedWidthInteger>(_: T.Type) -> T? {
-            take(MemoryLayout<T>.size).map { $0.reversed().reduce(T.zero) { $0 << 8 | T($1) } }
+            take(MemoryLayout<T>.size).map { $0.littleEndian() }
         }
         func rows() -> JSONRows? {
             guard let count = integer(UInt32.self), let text = take(Int(count)), let rows = JSONRows(closed: text) else { return nil }
@@ -133,4 +133,18 @@ struct JSONRows: Equatable {
     }
 
     var closed: String { self.text + "]" }
+}
+
+/// The journal's byte order, for its records' headers and `LedgerRows.encoded`.
+extension [UInt8] {
+    mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
+        Swift.withUnsafeBytes(of: value.littleEndian) { self += $0 }
+    }
+}
+
+extension ArraySlice<UInt8> {
+    /// The integer in the first bytes, little-endian (the slice holds at least its size).
+    func littleEndian<T: FixedWidthInteger>(_: T.Type = T.self) -> T {
+        self.prefix(MemoryLayout<T>.size).reversed().reduce(T.zero) { $0 << 8 | T($1) }
+    }
 }

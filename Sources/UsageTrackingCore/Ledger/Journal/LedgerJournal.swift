@@ -125,11 +125,11 @@ final class LedgerJournal {
         let sequence = self.nextSequence
         var record = [UInt8]()
         record.reserveCapacity(size)
-        Self.append(Self.magic, to: &record)
-        Self.append(UInt32(payload.count), to: &record)
-        Self.append(sequence, to: &record)
-        Self.append(Self.checksum(record[4..<16], payload[...]), to: &record)
-        Self.append(UInt32(0), to: &record)
+        record.appendLittleEndian(Self.magic)
+        record.appendLittleEndian(UInt32(payload.count))
+        record.appendLittleEndian(sequence)
+        record.appendLittleEndian(Self.checksum(record[4..<16], payload[...]))
+        record.appendLittleEndian(UInt32(0))
         record += payload
         let fd = self.descriptors[self.current]
         var written = 0
@@ -252,12 +252,8 @@ final class LedgerJournal {
         return payload.withUnsafeBufferPointer { czlib_crc32(crc, $0.baseAddress, $0.count) }
     }
 
-    private static func append<T: FixedWidthInteger>(_ value: T, to bytes: inout [UInt8]) {
-        withUnsafeBytes(of: value.littleEndian) { bytes += $0 }
-    }
-
     private static func integer<T: FixedWidthInteger>(_ bytes: [UInt8], at offset: Int) -> T {
-        bytes[offset..<(offset + MemoryLayout<T>.size)].reversed().reduce(T.zero) { $0 << 8 | T($1) }
+        bytes[offset...].littleEndian()
     }
 
     private static func syncDirectory(_ directory: String) throws(LedgerError) {
