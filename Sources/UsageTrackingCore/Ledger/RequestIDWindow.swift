@@ -44,8 +44,13 @@ public final class RequestIDWindow: Sendable {
     public static func digest(_ id: String) -> UInt64 {
         // Hashed in place: no copy of the id into an array first.
         var id = id
+        return id.withUTF8 { Self.digest(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// The digest of an id's UTF-8 bytes.
+    public static func digest(_ id: UnsafeRawBufferPointer) -> UInt64 {
         var hash = SHA256()
-        id.withUTF8 { hash.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+        hash.update(bufferPointer: id)
         return hash.finalize().withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
     }
 

@@ -7,8 +7,8 @@ import UsageTrackingCore
 /// Secrets appear only as set/unset and by position; rejected callbacks show field names, never
 /// bodies. `?user=NAME` adds that user's series and recent callbacks.
 enum DebugEndpoint {
-    static func reply(_ head: HTTPRequestHead, state: ServerState) -> HTTPResponse {
-        if StatusPageEndpoint.prefersHTML(head.headers) {
+    static func reply(_ head: RequestHead, state: ServerState) -> HTTPResponse {
+        if StatusPageEndpoint.prefersHTML(head) {
             var reply = StatusPageEndpoint.reply(head, state: state)
             reply.headers.append(("vary", "accept"))
             return reply

@@ -20,7 +20,7 @@ enum StatusPageEndpoint {
     /// How often the page refreshes itself, in milliseconds.
     static let refreshMilliseconds = 2000
 
-    static func reply(_ head: HTTPRequestHead, state: ServerState) -> HTTPResponse {
+    static func reply(_ head: RequestHead, state: ServerState) -> HTTPResponse {
         guard let report = StatusReport.gather(state: state, user: StatusReport.requestedUser(head.uri)) else {
             return .error(.notFound, "not found", ["the status page is turned off (--no-debug)"])
         }
@@ -57,10 +57,10 @@ enum StatusPageEndpoint {
     /// Whether the client wants HTML rather than JSON: `text/html` listed with a quality above 0
     /// and at least that of `application/json`. Browsers send `text/html,…,*/*;q=0.8`; curl sends
     /// `*/*`, which keeps the JSON.
-    static func prefersHTML(_ headers: HTTPHeaders) -> Bool {
+    static func prefersHTML(_ head: RequestHead) -> Bool {
         var html: Double? = nil
         var json: Double? = nil
-        for item in headers[canonicalForm: "accept"] {
+        for item in head.listItems(name: "accept") {
             let parts = item.split(separator: ";").map { $0.trimmingASCIISpaces().lowercased() }
             guard let type = parts.first else { continue }
             let quality = parts.dropFirst().first { $0.hasPrefix("q=") }.flatMap { Double($0.dropFirst(2)) } ?? 1

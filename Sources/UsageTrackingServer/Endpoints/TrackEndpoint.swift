@@ -8,21 +8,19 @@ import UsageTrackingCore
 enum TrackEndpoint {
     /// Checks that can be made from the head alone, before any body byte is buffered.
     /// Returns the rejection, if any.
-    static func check(_ head: HTTPRequestHead, state: ServerState) -> CallbackRejection? {
+    static func check(_ head: RequestHead, state: ServerState) -> CallbackRejection? {
         guard head.method == .POST else {
             return CallbackRejection(.methodNotAllowed, ["\(head.method.rawValue) /track is not allowed; use POST"])
         }
-        if state.secrets.isRequired, let problem = Self.credentialProblem(head.headers, state: state) {
+        if state.secrets.isRequired, let problem = Self.credentialProblem(head, state: state) {
             return CallbackRejection(.unauthorized, [problem])
         }
         // A compressed body would decode as garbage; say so instead.
-        if let coding = head.headers.first(name: "content-encoding"), coding.trimmingASCIISpaces().lowercased() != "identity" {
+        if let coding = head.first(name: "content-encoding"), coding.trimmingASCIISpaces().lowercased() != "identity" {
             let name = coding.truncated(toUTF8Bytes: ClientText.echoedBytes)
             return CallbackRejection(.unsupportedMediaType, ["Content-Encoding \(name) is not supported; send the body uncompressed"])
         }
-        if let length = head.headers.first(name: "content-length").flatMap(Int.init),
-            length > state.configuration.maxBodyBytes
-        {
+        if head.contentLength > state.configuration.maxBodyBytes {
             return Self.tooLarge(state)
         }
         return nil
@@ -32,9 +30,9 @@ enum TrackEndpoint {
         CallbackRejection(.tooLarge, ["body exceeds the limit of \(state.configuration.maxBodyBytes) bytes"])
     }
 
-    static func credentialProblem(_ headers: HTTPHeaders, state: ServerState) -> String? {
+    static func credentialProblem(_ head: RequestHead, state: ServerState) -> String? {
         let name = state.configuration.callbackSecretHeader
-        guard let value = headers.first(name: name) else { return "missing credentials in \(name)" }
+        guard let value = head.first(name: name) else { return "missing credentials in \(name)" }
         var secret = Substring(value)
         if name.lowercased() == "authorization" {
             guard value.count > 7, value.prefix(7).lowercased() == "bearer " else {
@@ -65,10 +63,10 @@ enum TrackEndpoint {
 
     /// Decodes one callback and counts it, or hands it to the ledger to be counted once committed.
     /// `sender` is the peer's address, shown in the status page.
-    static func handle(_ head: HTTPRequestHead, body: ByteBuffer?, sender: String? = nil, state: ServerState, on eventLoop: EventLoop) -> Result {
-        let contentType = head.headers.first(name: "content-type")
+    static func handle(_ head: RequestHead, body: ByteBuffer?, sender: String? = nil, state: ServerState, on eventLoop: EventLoop) -> Result {
+        let contentType = head.first(name: "content-type")
         // Headers the schema takes labels from (none in the built-in schema: no allocation).
-        let headers = state.decoder.headerNames.map { head.headers.first(name: $0) }
+        let headers = state.decoder.headerNames.map { head.first(name: $0) }
         let decoded = (body ?? ByteBuffer()).withUnsafeReadableBytes { bytes in
             Swift.Result { () throws(CallbackRejection) in try state.decoder.decode(bytes, contentType: contentType, headers: headers) }
         }
@@ -98,17 +96,16 @@ enum TrackEndpoint {
     }
 
     /// The digest of the callback's request id; nil without one (or without deduplication).
-    private static func requestIDDigest(_ head: HTTPRequestHead, state: ServerState) -> UInt64? {
-        guard state.metrics.requestIDs != nil, let name = state.configuration.dedupeHeader,
-            let value = head.headers.first(name: name), !value.trimmingASCIISpaces().isEmpty
-        else { return nil }
-        return RequestIDWindow.digest(value)
+    private static func requestIDDigest(_ head: RequestHead, state: ServerState) -> UInt64? {
+        guard state.metrics.requestIDs != nil, let name = state.configuration.dedupeHeader else { return nil }
+        // Over the id's bytes in the head (the parser trimmed them): no `String` is made.
+        return head.withFirst(name: name) { $0.isEmpty ? nil : RequestIDWindow.digest($0) } ?? nil
     }
 
     /// After the ledger's commit (`always` mode, which counted the outcome with it): nil when the
     /// 202 is due, or the refusal.
     static func committed(
-        _ verdict: LedgerWriter.Verdict, _ callback: Callback, _ head: HTTPRequestHead, sender: String?, state: ServerState
+        _ verdict: LedgerWriter.Verdict, _ callback: Callback, _ head: RequestHead, sender: String?, state: ServerState
     ) -> CallbackRejection? {
         switch verdict {
         case .counted:
@@ -122,7 +119,7 @@ enum TrackEndpoint {
         }
     }
 
-    private static func noteAccepted(_ callback: Callback, _ head: HTTPRequestHead, sender: String?, state: ServerState) {
+    private static func noteAccepted(_ callback: Callback, _ head: RequestHead, sender: String?, state: ServerState) {
         state.status?.rates.record(.accepted)
         let requestID = Self.requestID(head)
         state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID, sender: sender))
@@ -132,9 +129,9 @@ enum TrackEndpoint {
     }
 
     /// A repeated request id: answered 202 like the first, shown among the refused callbacks.
-    private static func noteDuplicate(_ head: HTTPRequestHead, sender: String?, state: ServerState) {
+    private static func noteDuplicate(_ head: RequestHead, sender: String?, state: ServerState) {
         let header = state.configuration.dedupeHeader ?? ""
-        let id = head.headers.first(name: header)?.truncated(toUTF8Bytes: ClientText.echoedBytes) ?? ""
+        let id = head.first(name: header)?.truncated(toUTF8Bytes: ClientText.echoedBytes) ?? ""
         let seconds = state.configuration.dedupeWindow.nanoseconds / 1_000_000_000
         let problem = "\(header) \(id) was counted within the last \(seconds) s; not counted again"
         state.recent?.record(.init(time: wallClock(), status: 202, rejection: CallbackRejection(.duplicate, [problem]), requestID: Self.requestID(head), sender: sender))
@@ -142,8 +139,8 @@ enum TrackEndpoint {
     }
 
     /// The caller's request id as logged and shown: truncated, since the caller chooses it.
-    private static func requestID(_ head: HTTPRequestHead) -> String? {
-        head.headers.first(name: "x-request-id").map { $0.truncated(toUTF8Bytes: ClientText.echoedBytes) }
+    private static func requestID(_ head: RequestHead) -> String? {
+        head.first(name: "x-request-id").map { $0.truncated(toUTF8Bytes: ClientText.echoedBytes) }
     }
 
     private static func metadata(_ callback: Callback, requestID: String?) -> Logger.Metadata {
@@ -156,7 +153,7 @@ enum TrackEndpoint {
     }
 
     /// Counts, records and logs a rejection and builds its reply.
-    static func reply(to rejection: CallbackRejection, _ head: HTTPRequestHead, sender: String? = nil, state: ServerState) -> HTTPResponse {
+    static func reply(to rejection: CallbackRejection, _ head: RequestHead, sender: String? = nil, state: ServerState) -> HTTPResponse {
         let status = rejection.outcome.status
         state.record(rejection.outcome)
         state.status?.rates.record(.refused)

@@ -21,11 +21,11 @@ enum UsageEndpoint {
     static let cacheSeconds: Int64 = 2
     static let cacheEntries = 10_000
 
-    static func answer(_ head: HTTPRequestHead, state: ServerState, on eventLoop: EventLoop) -> Router.Answer {
+    static func answer(_ head: RequestHead, state: ServerState, on eventLoop: EventLoop) -> Router.Answer {
         guard head.method == .GET || head.method == .HEAD else {
             return .reply(.error(.methodNotAllowed, "method not allowed", ["\(head.method.rawValue) /usage is not allowed; use GET"], headers: [("allow", "GET, HEAD")]))
         }
-        if state.secrets.isRequired, let problem = TrackEndpoint.credentialProblem(head.headers, state: state) {
+        if state.secrets.isRequired, let problem = TrackEndpoint.credentialProblem(head, state: state) {
             return .reply(.error(.unauthorized, "unauthorized", [problem], headers: TrackEndpoint.challenge(state)))
         }
         guard let usage = state.usage else {

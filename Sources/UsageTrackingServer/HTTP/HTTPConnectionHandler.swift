@@ -1,11 +1,10 @@
 import Logging
 import NIOCore
-import NIOHTTP1
 import UsageTrackingCore
 
-/// One per connection, after NIO's request decoder. Receives each request (head checks, body
-/// limit) as its parts arrive, has the `Router` say how it is answered, and writes the serialised
-/// reply straight to the socket.
+/// One per connection, the whole pipeline. Parses its requests (`HTTPRequestParser`), receives
+/// each (head checks, body limit) as its parts arrive, has the `Router` say how it is answered,
+/// and writes the serialised reply straight to the socket.
 ///
 /// The pieces, all on the event loop: `AnswerQueue` keeps the replies in arrival order and holds
 /// back reading while they are owed (backpressure); `ConnectionTimer` enforces the idle and
@@ -14,11 +13,12 @@ import UsageTrackingCore
 ///
 /// Replies are flushed once per socket read, so a pipelined batch goes out in one write.
 final class HTTPConnectionHandler: ChannelDuplexHandler {
-    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private let state: ServerState
+    private var parser: HTTPRequestParser
     /// The request being received.
     private var receiving: ReceivedRequest?
     private var queue = AnswerQueue()
@@ -31,6 +31,7 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
 
     init(state: ServerState) {
         self.state = state
+        self.parser = HTTPRequestParser(maxHeadBytes: state.configuration.maxHeaderBytes)
         self.timer = ConnectionTimer(state.configuration)
     }
 
@@ -119,18 +120,35 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let bytes = self.unwrapInboundIn(data)
         guard !self.queue.closing, !self.queue.inputDone else {
-            self.discard(context: context, self.unwrapInboundIn(data))
+            self.discard(context: context, bytes)
             return
         }
-        switch self.unwrapInboundIn(data) {
+        self.parser.append(bytes)
+        // Every request the bytes complete, until one ends what is read on this connection.
+        while !self.queue.closing, !self.queue.inputDone {
+            let part: HTTPRequestParser.Part?
+            do {
+                part = try self.parser.next()
+            } catch {
+                self.refuse(context: context, error)
+                return
+            }
+            guard let part else { return }
+            self.receive(context: context, part)
+        }
+    }
+
+    private func receive(context: ChannelHandlerContext, _ part: HTTPRequestParser.Part) {
+        switch part {
         case .head(let head):
             // One clock read serves the timers and the latency histogram.
             let now = context.eventLoop.now
             self.timer.touch(now)
-            var request = ReceivedRequest(head: head, route: Route(uri: head.uri), startNanoseconds: now.uptimeNanoseconds)
-            // NIO's decoder stops parsing after a request that asks to upgrade; answer it and close.
-            if head.headers.contains(name: "upgrade") { request.closeAfter = true }
+            var request = ReceivedRequest(head: head, route: head.route, startNanoseconds: now.uptimeNanoseconds)
+            // Nothing after a request that asks to switch protocols is read: answer it and close.
+            if head.upgrades { request.closeAfter = true }
             if Router.takesBody(request.route) {
                 request.rejection = Router.refusal(head, route: request.route, state: self.state)
                 if request.rejection != nil {
@@ -141,7 +159,7 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
                 }
                 // curl and others wait (about a second) for this before sending a body. Sent only
                 // when no earlier reply is still owed, so replies stay in order.
-                if self.queue.isEmpty, !self.queue.producing, head.headers.first(name: "expect")?.lowercased() == "100-continue" {
+                if self.queue.isEmpty, !self.queue.producing, head.first(name: "expect")?.lowercased() == "100-continue" {
                     context.write(self.wrapOutboundOut(HTTPResponse.continueBytes), promise: nil)
                 }
             }
@@ -286,9 +304,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     /// How much a closing connection reads and discards before it closes outright.
     static let lingerBytes = 64 * 1024
 
-    private func discard(context: ChannelHandlerContext, _ part: HTTPServerRequestPart) {
-        guard case .body(let chunk) = part else { return }
-        self.discarded += chunk.readableBytes
+    private func discard(context: ChannelHandlerContext, _ bytes: ByteBuffer) {
+        self.discarded += bytes.readableBytes
         if self.discarded > Self.lingerBytes { context.close(promise: nil) }
     }
 
@@ -299,25 +316,22 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
 
     // MARK: errors
 
-    /// A request NIO cannot parse gets one plain reply, after the replies still owed, and the
-    /// connection is closed, since nothing after it on the stream can be trusted.
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        guard !self.queue.closing, !self.queue.inputDone else { return }
-        let response: HTTPResponse
-        switch error as? HTTPParserError {
-        case .headerOverflow?:
-            response = .error(.requestHeaderFieldsTooLarge, "request header too large", ["request head exceeds \(self.state.configuration.maxHeaderBytes) bytes"])
-        case let parserError?:
-            response = .error(.badRequest, "malformed HTTP request", ["not valid HTTP/1.1 (\(parserError))"])
-        case nil:
-            self.queue.closing = true
-            context.close(promise: nil)
-            return
-        }
-        self.state.logger.info("bad HTTP request", metadata: ["error": "\(error)"])
+    /// A request that cannot be parsed gets one plain reply, after the replies still owed, and
+    /// the connection is closed, since nothing after it on the stream can be trusted.
+    private func refuse(context: ChannelHandlerContext, _ failure: HTTPRequestParser.Failure) {
+        let summary = failure.status == .requestHeaderFieldsTooLarge ? "request header too large" : "malformed HTTP request"
+        self.state.logger.info("bad HTTP request", metadata: ["status": "\(failure.status.code)", "problem": "\(failure.problem)"])
         let now = context.eventLoop.now.uptimeNanoseconds
-        let unparsed = HTTPRequestHead(version: .http1_1, method: .GET, uri: "")
-        self.received(context: context, ReceivedRequest(head: unparsed, route: .other, startNanoseconds: now, closeAfter: true, reply: response))
+        let reply = HTTPResponse.error(failure.status, summary, [failure.problem])
+        // Whatever part of a request was received is dropped with the stream.
+        self.receiving = nil
+        self.received(context: context, ReceivedRequest(head: .unparsed, route: .other, startNanoseconds: now, closeAfter: true, reply: reply))
         context.flush()
+    }
+
+    /// Anything else the pipeline reports (a socket error): nothing can be answered.
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        self.queue.closing = true
+        context.close(promise: nil)
     }
 }

@@ -1,10 +1,9 @@
 import NIOCore
-import NIOHTTP1
 import UsageTrackingCore
 
 /// A request as the connection holds it from its head until it is answered.
 struct ReceivedRequest {
-    var head: HTTPRequestHead
+    var head: RequestHead
     var route: Route
     var startNanoseconds: UInt64
     var body: ByteBuffer?

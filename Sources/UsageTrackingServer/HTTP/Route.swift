@@ -3,24 +3,32 @@ enum Route: Int {
     case track, metrics, healthz, readyz, debug, status, usage, other
 
     init(uri: String) {
-        // The usual target, a bare path (its own `path(of:)`), is compared as the String it is:
-        // no slicing, and none of Substring's generic comparison, on every request.
-        let isBarePath = uri.hasPrefix("/") && !uri.utf8.contains(UInt8(ascii: "?"))
-        self = Self.named(isBarePath ? uri : String(Self.path(of: uri)))
+        var uri = uri
+        self = uri.withUTF8 { Route(target: UnsafeRawBufferPointer($0)) }
     }
 
-    private static func named(_ path: String) -> Route {
-        switch path {
-        case "/track": .track
-        case "/metrics": .metrics
-        case "/healthz": .healthz
-        case "/readyz": .readyz
-        case "/debug": .debug
-        case "/": .status
-        case "/usage": .usage
-        default: .other
+    /// The route of a request target's bytes. The usual target, a bare path, is matched as it
+    /// is: no `String` is made on a callback's path.
+    init(target: UnsafeRawBufferPointer) {
+        guard target.first == UInt8(ascii: "/") else {
+            var path = String(Self.path(of: String(decoding: target, as: UTF8.self)))
+            self = path.withUTF8 { Self.named(UnsafeRawBufferPointer($0)) }
+            return
         }
+        let end = target.firstIndex(of: UInt8(ascii: "?")) ?? target.count
+        self = Self.named(UnsafeRawBufferPointer(rebasing: target[..<end]))
     }
+
+    private static func named(_ path: UnsafeRawBufferPointer) -> Route {
+        for (name, route) in Self.paths where HTTPRequestParser.equals(path, name) { return route }
+        return .other
+    }
+
+    /// `/track` first: it is asked for most.
+    private static let paths: [(StaticString, Route)] = [
+        ("/track", .track), ("/metrics", .metrics), ("/healthz", .healthz), ("/readyz", .readyz), ("/debug", .debug), ("/", .status),
+        ("/usage", .usage),
+    ]
 
     /// The path of a request target: the query dropped, and the scheme and authority of an
     /// absolute-form target (`POST http://host/track`, as proxies send) too.

@@ -24,7 +24,7 @@ enum Router {
 
     /// Checks made from the head alone, before any body byte is buffered: a refusal here is
     /// answered at once and the connection closes without reading the body.
-    static func refusal(_ head: HTTPRequestHead, route: Route, state: ServerState) -> CallbackRejection? {
+    static func refusal(_ head: RequestHead, route: Route, state: ServerState) -> CallbackRejection? {
         route == .track ? TrackEndpoint.check(head, state: state) : nil
     }
 
@@ -94,9 +94,4 @@ enum Router {
         case .track, .other, .metrics, .debug, .status, .usage: preconditionFailure("answered elsewhere")
         }
     }
-}
-
-extension HTTPRequestHead {
-    /// GET or HEAD: what the read-only routes answer.
-    fileprivate var isRead: Bool { self.method == .GET || self.method == .HEAD }
 }

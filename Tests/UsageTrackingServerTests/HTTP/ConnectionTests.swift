@@ -56,8 +56,43 @@ import UsageTrackingCore
         let harness = try PipelineHarness()
         let responses = try harness.send("BREW /pot HTCPCP\r\n\r\n")
         #expect(responses.map(\.status) == [400])
-        #expect(responses[0].text == #"{"error":"malformed HTTP request","problems":["not valid HTTP/1.1 (invalid HTTP method)"]}"# + "\n")
+        #expect(responses[0].text == #"{"error":"malformed HTTP request","problems":["the request line does not end in an HTTP version"]}"# + "\n")
         #expect(!harness.channel.isActive)
+        #expect(harness.logs.all.contains { $0.contains(#""msg":"bad HTTP request""#) && $0.contains(#""status":"400""#) })
+    }
+
+    /// A request the parser refuses is answered after the replies owed before it, with the
+    /// parser's status and problem, and nothing after it is read.
+    @Test(arguments: [
+        ("GET / HTTP/2.0\r\n\r\n", 505, #"{"error":"malformed HTTP request","problems":["HTTP/2.0 is not supported; send HTTP/1.1"]}"#),
+        (
+            "POST /track HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+            #"{"error":"malformed HTTP request","problems":["Transfer-Encoding other than chunked is not supported; send chunked or a Content-Length"]}"#
+        ),
+        (
+            "POST /track HTTP/1.1\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
+            #"{"error":"malformed HTTP request","problems":["both Content-Length and Transfer-Encoding are given; send one"]}"#
+        ),
+    ])
+    func refusedStreamIsAnsweredInOrderAndClosed(request: String, status: Int, body: String) throws {
+        let harness = try PipelineHarness()
+        let responses = try harness.send(PipelineHarness.post(#"{"user":"before"}"#) + request + PipelineHarness.post(#"{"user":"after"}"#))
+        #expect(responses.map(\.status) == [202, status])
+        #expect(responses[1].text == body + "\n")
+        #expect(responses[1].header("connection") == "close")
+        #expect(harness.state.metrics.requests.value(["before", "", ""]) == 1)
+        #expect(harness.state.metrics.requests.value(["after", "", ""]) == 0)
+        #expect(!harness.channel.isActive)
+    }
+
+    @Test func chunkedCallbackIsCounted() throws {
+        let harness = try PipelineHarness()
+        let responses = try harness.send(
+            "POST /track HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + "6\r\n{\"user\r\n9;ext=1\r\n\":\"chunk\"\r\n1\r\n}\r\n0\r\n\r\n" + PipelineHarness.get("/healthz")
+        )
+        #expect(responses.map(\.status) == [202, 200])
+        #expect(harness.state.metrics.requests.value(["chunk", "", ""]) == 1)
     }
 
     @Test func oversizeHeadGets431() throws {
