@@ -47,12 +47,12 @@ struct HTTPRequestParser {
         /// After the last chunk: trailer fields (ignored) up to a blank line; `taken` bytes of
         /// them so far.
         case trailers(taken: Int)
-        /// After an error or a request that upgrades: nothing more is read.
+        /// After an error: nothing more is read.
         case stopped
     }
 
     let maxHeadBytes: Int
-    private var buffer = ByteBuffer()
+    private var buffer = Self.empty
     private var state = State.head(scanned: 0)
     /// Where each field of the head being parsed is; handed to the head, and reused by the next
     /// one once that head is gone.
@@ -75,13 +75,19 @@ struct HTTPRequestParser {
     /// The next part the bytes so far make; nil until more arrive.
     mutating func next() throws(Failure) -> Part? {
         do {
-            return try self.parseNext()
+            let part = try self.parseNext()
+            // Read to the end: let go of the read's buffer, so that the channel reuses it for the
+            // next read and an idle connection holds none.
+            if part == nil, self.buffer.readableBytes == 0 { self.buffer = Self.empty }
+            return part
         } catch {
             self.state = .stopped
-            self.buffer = ByteBuffer()
+            self.buffer = Self.empty
             throw error
         }
     }
+
+    private static let empty = ByteBuffer()
 
     private mutating func parseNext() throws(Failure) -> Part? {
         switch self.state {
@@ -127,7 +133,7 @@ struct HTTPRequestParser {
             self.state = .trailers(taken: taken)
             return nil
         case .stopped:
-            self.buffer.clear()
+            self.buffer = Self.empty
             return nil
         }
     }

@@ -247,6 +247,30 @@ struct ParsedStream: Equatable {
         #expect(stream.failure == HTTPRequestParser.Failure(status: .badRequest, problem: "the trailer section exceeds 1024 bytes"))
     }
 
+    /// Once its bytes are parsed, a read's buffer is let go: the channel's pool reuses it for the
+    /// next read rather than allocating another, and an idle connection holds none.
+    @Test func aReadParsedToTheEndIsLetGo() throws {
+        var pool = NIOPooledRecvBufferAllocator(capacity: 1, recvAllocator: FixedSizeRecvByteBufferAllocator(capacity: 4096))
+        func read() -> ByteBuffer {
+            pool.buffer(allocator: ByteBufferAllocator()) { buffer in
+                buffer.clear()
+                buffer.writeString(Self.callback)
+            }.0
+        }
+        func address(_ buffer: ByteBuffer) -> UInt { buffer.withVeryUnsafeBytes { UInt(bitPattern: $0.baseAddress) } }
+        var parser = HTTPRequestParser(maxHeadBytes: 16384)
+        let first: UInt
+        do {
+            let bytes = read()
+            first = address(bytes)
+            parser.append(bytes)
+        }
+        var parts = 0
+        while try parser.next() != nil { parts += 1 }
+        #expect(parts == 3)
+        #expect(address(read()) == first)
+    }
+
     @Test func nothingIsReadAfterAFailure() throws {
         var parser = HTTPRequestParser(maxHeadBytes: 16384)
         parser.append(ByteBuffer(string: "GET / HTTP/9.9\r\n\r\n"))
