@@ -10,7 +10,7 @@ enum TrackEndpoint {
     /// Returns the rejection, if any.
     static func check(_ head: RequestHead, state: ServerState) -> CallbackRejection? {
         guard head.method == .POST else {
-            return CallbackRejection(.methodNotAllowed, ["\(head.method.rawValue) /track is not allowed; use POST"])
+            return CallbackRejection(.methodNotAllowed, ["\(head.echoedMethod) /track is not allowed; use POST"])
         }
         if state.secrets.isRequired, let problem = Self.credentialProblem(head, state: state) {
             return CallbackRejection(.unauthorized, [problem])

@@ -23,7 +23,7 @@ enum UsageEndpoint {
 
     static func answer(_ head: RequestHead, state: ServerState, on eventLoop: EventLoop) -> Router.Answer {
         guard head.method == .GET || head.method == .HEAD else {
-            return .reply(.error(.methodNotAllowed, "method not allowed", ["\(head.method.rawValue) /usage is not allowed; use GET"], headers: [("allow", "GET, HEAD")]))
+            return .reply(.error(.methodNotAllowed, "method not allowed", ["\(head.echoedMethod) /usage is not allowed; use GET"], headers: [("allow", "GET, HEAD")]))
         }
         if state.secrets.isRequired, let problem = TrackEndpoint.credentialProblem(head, state: state) {
             return .reply(.error(.unauthorized, "unauthorized", [problem], headers: TrackEndpoint.challenge(state)))

@@ -8,9 +8,10 @@ import NIOCore
 ///
 /// Backpressure: while anything waits, while a reply is produced (a ledger commit excepted, see
 /// `mayRead`), or while the channel is not writable, the connection holds back `read`, so the
-/// socket is not read again until the replies drain. What one connection can make the server
-/// hold is therefore one socket read cycle of requests (each body within `--max-body-bytes`),
-/// the outbound buffer up to its high water mark, and one reply.
+/// socket is not read again until the replies drain. At most `maxWaiting` requests wait; what
+/// else the last read brought stays unparsed bytes. What one connection can make the server hold
+/// is therefore one socket read cycle of bytes, `maxWaiting` requests (each body within
+/// `--max-body-bytes`), the outbound buffer up to its high water mark, and one reply.
 struct AnswerQueue {
     /// Requests received in full and not yet answered, in order.
     private var waiting = CircularBuffer<ReceivedRequest>(initialCapacity: 4)
@@ -27,8 +28,17 @@ struct AnswerQueue {
     /// Set once a reply that closes the connection was written; later input is discarded.
     var closing = false
 
+    /// Requests that may wait at once: a client that pipelines more is not read further (its
+    /// bytes stay unparsed, and reading waits) until they are answered. Few clients pipeline at
+    /// all; this bounds what one connection's smallest requests can make the server hold.
+    static let maxWaiting = 64
+
     /// No request waits for its answer.
     var isEmpty: Bool { self.waiting.isEmpty }
+
+    var count: Int { self.waiting.count }
+
+    var isFull: Bool { self.waiting.count >= Self.maxWaiting }
 
     /// Nothing is ahead of a request received now: it can be answered at once.
     var isClear: Bool { self.writable && !self.producing && self.waiting.isEmpty }

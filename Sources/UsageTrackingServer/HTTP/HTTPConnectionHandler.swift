@@ -40,6 +40,12 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         (self.receiving?.body?.readableBytes ?? 0) + self.queue.heldBodyBytes
     }
 
+    /// Requests received in full and waiting for their replies (at most `AnswerQueue.maxWaiting`).
+    var waitingRequests: Int { self.queue.count }
+
+    /// Bytes received and left unparsed while requests wait.
+    var unparsedBytes: Int { self.parser.unparsedBytes }
+
     // MARK: lifecycle
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -79,8 +85,17 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     }
 
     private func timerFired(context: ChannelHandlerContext) {
-        guard !self.queue.closing else { return }
         let now = context.eventLoop.now
+        // Closing: the last reply is written or waits to be; a client that does not read it
+        // keeps the connection for the idle timeout, no longer.
+        guard !self.queue.closing else {
+            if self.timer.expired(at: now, receivingSince: nil, producing: false) == .idle {
+                context.close(promise: nil)
+            } else {
+                self.scheduleTimer(context: context)
+            }
+            return
+        }
         switch self.timer.expired(at: now, receivingSince: self.receiving?.startNanoseconds, producing: self.queue.producing) {
         case .request?:
             let seconds = self.timer.requestTimeout.nanoseconds / 1_000_000_000
@@ -91,6 +106,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
             timedOut.reply = .error(.requestTimeout, "request timeout", ["the request did not arrive in full within \(seconds) s"])
             self.received(context: context, timedOut)
             context.flush()
+            // The 408 may wait behind replies the client does not read: the idle timeout still holds.
+            self.scheduleTimer(context: context)
         case .idle?:
             // Silent, or with replies waiting that the client has not read for that long.
             context.close(promise: nil)
@@ -126,8 +143,14 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
             return
         }
         self.parser.append(bytes)
-        // Every request the bytes complete, until one ends what is read on this connection.
-        while !self.queue.closing, !self.queue.inputDone {
+        self.receiveParsed(context: context)
+    }
+
+    /// Every request the bytes received complete, until one ends what is read on this connection
+    /// or `AnswerQueue.maxWaiting` wait for their replies; the rest stays unparsed until they are
+    /// answered (and reading waits with it).
+    private func receiveParsed(context: ChannelHandlerContext) {
+        while !self.queue.closing, !self.queue.inputDone, !self.queue.isFull {
             let part: HTTPRequestParser.Part?
             do {
                 part = try self.parser.next()
@@ -159,7 +182,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
                 }
                 // curl and others wait (about a second) for this before sending a body. Sent only
                 // when no earlier reply is still owed, so replies stay in order.
-                if self.queue.isEmpty, !self.queue.producing, head.first(name: "expect")?.lowercased() == "100-continue" {
+                // HTTP/1.0 clients know no interim replies (RFC 9110 10.1.1).
+                if head.version == .http1_1, self.queue.isEmpty, !self.queue.producing, head.first(name: "expect")?.lowercased() == "100-continue" {
                     context.write(self.wrapOutboundOut(HTTPResponse.continueBytes), promise: nil)
                 }
             }
@@ -201,11 +225,16 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Answers queued requests while nothing blocks them, then lets reading resume.
+    /// Answers queued requests while nothing blocks them, takes in what was received but left
+    /// unparsed meanwhile, then lets reading resume.
     private func answerWaiting(context: ChannelHandlerContext) {
-        while let next = self.queue.next() {
-            self.answer(context: context, next)
-        }
+        repeat {
+            while let next = self.queue.next() {
+                self.answer(context: context, next)
+            }
+            guard self.queue.isEmpty, self.parser.unparsedBytes > 0 else { break }
+            self.receiveParsed(context: context)
+        } while !self.queue.isEmpty
         if self.queue.resumeHeldRead() { context.read() }
     }
 

@@ -18,11 +18,12 @@ import NIOHTTP1
 /// which must be `chunked` alone. The first error stops the stream: nothing after it can be
 /// trusted, so the connection answers it and closes.
 ///
-/// Bounds: a head (request line and fields) of at most `maxHeadBytes`; a chunk-size line and a
-/// trailer section likewise. Bytes of a head not yet complete are kept (at most `maxHeadBytes`
-/// plus one read); body bytes are handed on as they arrive, never gathered here. Scanning for
-/// the end of a head resumes where the last read left it, so a head trickled in a byte at a time
-/// costs linear time.
+/// Bounds: a head (request line and fields) of at most `maxHeadBytes` and `maxFields` fields; a
+/// chunk-size line of `maxChunkSizeLine`; a trailer section as a head. Bytes not yet parsed are
+/// kept (a head's, or one read's while the connection holds back parsing), the rest let go;
+/// body bytes are handed on as they arrive, never gathered here. Looking for a line's end resumes
+/// at the byte where the last read left off, so a line trickled in a byte at a time costs linear
+/// time. A head keeps an array of its fields' places of its own size, never a shared one.
 struct HTTPRequestParser {
     enum Part {
         case head(RequestHead)
@@ -36,41 +37,54 @@ struct HTTPRequestParser {
         var problem: String
     }
 
+    /// `scanned`: bytes from the start of what the state reads (a head, a line) known to hold no
+    /// line end that ends it.
     private enum State {
-        /// Before a head; `scanned` bytes of it (whole lines) are known to hold no blank line.
         case head(scanned: Int)
         case fixedBody(remaining: Int)
-        case chunkSize
+        case chunkSize(scanned: Int)
         case chunkData(remaining: Int)
         /// The CRLF after a chunk's data.
         case chunkEnd
-        /// After the last chunk: trailer fields (ignored) up to a blank line; `taken` bytes of
-        /// them so far.
-        case trailers(taken: Int)
+        /// After the last chunk: trailer fields (checked, then dropped) up to a blank line;
+        /// `taken` bytes of them so far.
+        case trailers(taken: Int, scanned: Int)
         /// After an error: nothing more is read.
         case stopped
     }
 
+    static let maxChunkSizeLine = 1024
+    /// Header fields one head may have: a head of short lines would otherwise be indexed by an
+    /// array several times its size.
+    static let maxFields = 256
+
     let maxHeadBytes: Int
     private var buffer = Self.empty
     private var state = State.head(scanned: 0)
-    /// Where each field of the head being parsed is; handed to the head, and reused by the next
-    /// one once that head is gone.
-    private var fields: [RequestHead.Field] = []
 
     init(maxHeadBytes: Int) {
         self.maxHeadBytes = maxHeadBytes
     }
+
+    private static let empty = ByteBuffer()
 
     /// Adds bytes read from the connection.
     mutating func append(_ bytes: ByteBuffer) {
         if self.buffer.readableBytes == 0 {
             self.buffer = bytes
         } else {
+            // What was parsed already goes first, so that the buffer holds only what is not.
+            self.buffer.discardReadBytes()
             var bytes = bytes
             self.buffer.writeBuffer(&bytes)
         }
     }
+
+    /// Bytes received and not parsed yet.
+    var unparsedBytes: Int { self.buffer.readableBytes }
+
+    /// The size of the buffer those bytes are kept in.
+    var heldCapacity: Int { self.buffer.capacity }
 
     /// The next part the bytes so far make; nil until more arrive.
     mutating func next() throws(Failure) -> Part? {
@@ -87,8 +101,6 @@ struct HTTPRequestParser {
         }
     }
 
-    private static let empty = ByteBuffer()
-
     private mutating func parseNext() throws(Failure) -> Part? {
         switch self.state {
         case .head(let scanned):
@@ -101,37 +113,46 @@ struct HTTPRequestParser {
             let count = min(remaining, self.buffer.readableBytes)
             self.state = .fixedBody(remaining: remaining - count)
             return .body(self.buffer.readSlice(length: count)!)
-        case .chunkSize:
-            let tooLong = "a chunk-size line exceeds \(Self.maxChunkSizeLine) bytes"
-            guard let line = try self.readLine(limit: Self.maxChunkSizeLine, tooLong: tooLong) else { return nil }
-            let size = try Self.chunkSize(line)
-            self.state = size == 0 ? .trailers(taken: 0) : .chunkData(remaining: size)
-            return try self.parseNext()
+        case .chunkSize(let scanned):
+            switch try self.readLine(scanned: scanned, limit: Self.maxChunkSizeLine, tooLong: "a chunk-size line exceeds \(Self.maxChunkSizeLine) bytes") {
+            case .incomplete(let scanned):
+                self.state = .chunkSize(scanned: scanned)
+                return nil
+            case .line(let line):
+                let size = try Self.chunkSize(line)
+                self.state = size == 0 ? .trailers(taken: 0, scanned: 0) : .chunkData(remaining: size)
+                return try self.parseNext()
+            }
         case .chunkData(let remaining):
             guard self.buffer.readableBytes > 0 else { return nil }
             let count = min(remaining, self.buffer.readableBytes)
-            let piece = self.buffer.readSlice(length: count)!
             self.state = count == remaining ? .chunkEnd : .chunkData(remaining: remaining - count)
-            return .body(piece)
+            return .body(self.buffer.readSlice(length: count)!)
         case .chunkEnd:
             guard self.buffer.readableBytes >= 2 else { return nil }
             guard self.buffer.readInteger(as: UInt16.self) == 0x0D0A else {
                 throw Failure(status: .badRequest, problem: "a chunk's data is not followed by CRLF")
             }
-            self.state = .chunkSize
+            self.state = .chunkSize(scanned: 0)
             return try self.parseNext()
-        case .trailers(var taken):
-            // Trailer fields are read past, not kept: nothing here uses them.
+        case .trailers(var taken, var scanned):
             let tooLong = "the trailer section exceeds \(self.maxHeadBytes) bytes"
-            while let line = try self.readLine(limit: self.maxHeadBytes - taken, tooLong: tooLong) {
-                guard line.readableBytes > 0 else {
+            while true {
+                switch try self.readLine(scanned: scanned, limit: self.maxHeadBytes - taken, tooLong: tooLong) {
+                case .incomplete(let through):
+                    self.state = .trailers(taken: taken, scanned: through)
+                    return nil
+                case .line(let line) where line.readableBytes == 0:
                     self.state = .head(scanned: 0)
                     return .end
+                case .line(let line):
+                    // Checked like a header field (nothing here uses trailers), so no proxy reads
+                    // them differently.
+                    _ = try line.withUnsafeReadableBytes { bytes throws(Failure) in try Self.field(bytes, 0..<bytes.count) }
+                    taken += line.readableBytes + 2
+                    scanned = 0
                 }
-                taken += line.readableBytes + 2
             }
-            self.state = .trailers(taken: taken)
-            return nil
         case .stopped:
             self.buffer = Self.empty
             return nil
@@ -140,66 +161,51 @@ struct HTTPRequestParser {
 
     // MARK: the head
 
-    static let maxChunkSizeLine = 1024
-    /// Header fields one head may have: a head of short lines would otherwise be indexed by an
-    /// array several times its size.
-    static let maxFields = 256
-
     private mutating func parseHead(scanned: Int) throws(Failure) -> Part? {
+        var scanned = scanned
         // Empty lines before a request line are skipped (RFC 9112 2.2): some clients send a CRLF
         // after a body.
         while self.buffer.readableBytes >= 2, self.buffer.getInteger(at: self.buffer.readerIndex, as: UInt16.self) == 0x0D0A {
             self.buffer.moveReaderIndex(forwardBy: 2)
+            scanned = 0
         }
         let limit = self.maxHeadBytes
-        let found = self.buffer.withUnsafeReadableBytes { bytes in Self.headEnd(bytes, from: scanned, limit: limit) }
-        switch found {
-        case .incomplete(let scanned):
+        let found = try self.buffer.withUnsafeReadableBytes { bytes throws(Failure) in try Self.headEnd(bytes, from: scanned, limit: limit) }
+        guard let length = found else {
             if self.buffer.readableBytes > limit { throw Self.headTooLarge(limit) }
-            self.state = .head(scanned: scanned)
+            self.state = .head(scanned: self.buffer.readableBytes)
             return nil
-        case .bareLineFeed:
-            throw Failure(status: .badRequest, problem: "a line ends in a bare LF; lines end in CRLF")
-        case .end(let length):
-            guard length <= limit else { throw Self.headTooLarge(limit) }
-            let bytes = self.buffer.readSlice(length: length)!
-            self.fields.removeAll(keepingCapacity: true)
-            var head = try bytes.withUnsafeReadableBytes { raw throws(Failure) in try Self.parse(raw, fields: &self.fields) }
-            head.bytes = bytes
-            head.fields = self.fields
-            self.state = head.isChunked ? .chunkSize : .fixedBody(remaining: head.contentLength)
-            return .head(head)
         }
+        guard length <= limit else { throw Self.headTooLarge(limit) }
+        let bytes = self.buffer.readSlice(length: length)!
+        var head = try bytes.withUnsafeReadableBytes { raw throws(Failure) in try Self.parse(raw) }
+        head.bytes = bytes
+        self.state = head.isChunked ? .chunkSize(scanned: 0) : .fixedBody(remaining: head.contentLength)
+        return .head(head)
     }
 
     private static func headTooLarge(_ limit: Int) -> Failure {
         Failure(status: .requestHeaderFieldsTooLarge, problem: "request head exceeds \(limit) bytes")
     }
 
-    private enum HeadEnd {
-        /// No blank line yet; whole lines up to `scanned` hold none.
-        case incomplete(scanned: Int)
-        case bareLineFeed
-        /// The head, request line to blank line, is `length` bytes.
-        case end(length: Int)
-    }
-
-    /// Finds the blank line that ends a head, from `scanned` (the start of a line not yet seen
-    /// whole). Stops looking past `limit`.
-    private static func headEnd(_ bytes: UnsafeRawBufferPointer, from scanned: Int, limit: Int) -> HeadEnd {
-        var lineStart = scanned
+    /// The length of the head, through the blank line that ends it; nil while it has not
+    /// arrived. Looks from byte `scanned` on, and no further than `limit`.
+    private static func headEnd(_ bytes: UnsafeRawBufferPointer, from scanned: Int, limit: Int) throws(Failure) -> Int? {
+        var position = scanned
         let end = min(bytes.count, limit + 2)
-        while lineStart < end {
-            guard let lineFeed = bytes[lineStart..<end].firstIndex(of: 0x0A) else { break }
-            guard lineFeed > lineStart, bytes[lineFeed - 1] == 0x0D else { return .bareLineFeed }
-            if lineFeed - 1 == lineStart { return .end(length: lineFeed + 1) }
-            lineStart = lineFeed + 1
+        while position < end, let lineFeed = bytes[position..<end].firstIndex(of: 0x0A) {
+            guard lineFeed > 0, bytes[lineFeed - 1] == 0x0D else { throw Self.bareLineFeed }
+            // CR LF right after the previous line's LF: the blank line.
+            if lineFeed >= 2, bytes[lineFeed - 2] == 0x0A { return lineFeed + 1 }
+            position = lineFeed + 1
         }
-        return .incomplete(scanned: lineStart)
+        return nil
     }
 
-    /// Parses a whole head (it ends in a blank line, every line in CRLF), recording its fields.
-    private static func parse(_ bytes: UnsafeRawBufferPointer, fields: inout [RequestHead.Field]) throws(Failure) -> RequestHead {
+    private static let bareLineFeed = Failure(status: .badRequest, problem: "a line ends in a bare LF; lines end in CRLF")
+
+    /// Parses a whole head (it ends in a blank line, every line in CRLF) and places its fields.
+    private static func parse(_ bytes: UnsafeRawBufferPointer) throws(Failure) -> RequestHead {
         var position = 0
         func line() -> Range<Int> {
             var end = position
@@ -208,17 +214,21 @@ struct HTTPRequestParser {
             return position..<(end - 1)
         }
         var head = try Self.requestLine(bytes, line())
+        // Sized once: every line but the request line and the blank one is a field.
+        let lines = bytes.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
+        guard lines - 2 <= Self.maxFields else {
+            throw Failure(status: .requestHeaderFieldsTooLarge, problem: "request head has more than \(Self.maxFields) header fields")
+        }
+        head.fields.reserveCapacity(lines - 2)
         var connection: (close: Bool, keepAlive: Bool) = (false, false)
         var contentLengthSeen = false
         var transferEncodingSeen = false
+        var hosts = 0
         while true {
             let range = line()
             if range.isEmpty { break }
             let field = try Self.field(bytes, range)
-            guard fields.count < Self.maxFields else {
-                throw Failure(status: .requestHeaderFieldsTooLarge, problem: "request head has more than \(Self.maxFields) header fields")
-            }
-            fields.append(field)
+            head.fields.append(field)
             let name = UnsafeRawBufferPointer(rebasing: bytes[field.name])
             let value = UnsafeRawBufferPointer(rebasing: bytes[field.value])
             if Self.equalsIgnoringCase(name, "content-length") {
@@ -243,6 +253,8 @@ struct HTTPRequestParser {
                 }
             } else if Self.equalsIgnoringCase(name, "upgrade") {
                 head.upgrades = true
+            } else if Self.equalsIgnoringCase(name, "host") {
+                hosts += 1
             }
         }
         if contentLengthSeen, transferEncodingSeen {
@@ -251,6 +263,9 @@ struct HTTPRequestParser {
         if transferEncodingSeen, head.version == .http1_0 {
             throw Failure(status: .badRequest, problem: "Transfer-Encoding is not allowed in HTTP/1.0")
         }
+        // RFC 9112 3.2: a proxy and this service must agree on which host a request is for.
+        if hosts > 1 { throw Failure(status: .badRequest, problem: "Host is given more than once") }
+        if hosts == 0, head.version == .http1_1 { throw Failure(status: .badRequest, problem: "an HTTP/1.1 request must have a Host field") }
         head.isKeepAlive = head.version == .http1_1 ? !connection.close : connection.keepAlive && !connection.close
         return head
     }
@@ -266,8 +281,8 @@ struct HTTPRequestParser {
         guard !method.isEmpty, method.allSatisfy(Self.isTokenByte) else {
             throw Failure(status: .badRequest, problem: "the method is not a token")
         }
-        guard bytes[target].allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
-            throw Failure(status: .badRequest, problem: "the request target holds a space, a control character or a byte beyond ASCII")
+        guard bytes[target].allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "#") }) else {
+            throw Failure(status: .badRequest, problem: "the request target holds a space, a #, a control character or a byte beyond ASCII")
         }
         guard Self.isTargetForm(UnsafeRawBufferPointer(rebasing: bytes[target])) else {
             throw Failure(status: .badRequest, problem: "the request target is not a path, an http:// or https:// URL, or *")
@@ -320,21 +335,28 @@ struct HTTPRequestParser {
 
     // MARK: chunks
 
-    /// A line of at most `limit` bytes before its CRLF, taken off the buffer without its CRLF;
-    /// nil until it is whole.
-    private mutating func readLine(limit: Int, tooLong: @autoclosure () -> String) throws(Failure) -> ByteBuffer? {
+    private enum Line {
+        /// No line end yet; bytes up to `scanned` hold none.
+        case incomplete(scanned: Int)
+        /// A whole line, without its CRLF, taken off the buffer.
+        case line(ByteBuffer)
+    }
+
+    /// The next line if it has arrived, looking for its end from byte `scanned` on. It may be
+    /// at most `limit` bytes before its CRLF.
+    private mutating func readLine(scanned: Int, limit: Int, tooLong: @autoclosure () -> String) throws(Failure) -> Line {
         let limit = max(0, limit)
-        let found = self.buffer.withUnsafeReadableBytes { bytes in bytes[..<min(bytes.count, limit + 2)].firstIndex(of: 0x0A) }
+        let found = self.buffer.withUnsafeReadableBytes { bytes in bytes[min(scanned, bytes.count)..<min(bytes.count, limit + 2)].firstIndex(of: 0x0A) }
         guard let lineFeed = found else {
             if self.buffer.readableBytes > limit + 1 { throw Failure(status: .badRequest, problem: tooLong()) }
-            return nil
+            return .incomplete(scanned: self.buffer.readableBytes)
         }
         guard lineFeed > 0, self.buffer.getInteger(at: self.buffer.readerIndex + lineFeed - 1, as: UInt8.self) == 0x0D else {
-            throw Failure(status: .badRequest, problem: "a line ends in a bare LF; lines end in CRLF")
+            throw Self.bareLineFeed
         }
         let line = self.buffer.readSlice(length: lineFeed - 1)!
         self.buffer.moveReaderIndex(forwardBy: 2)
-        return line
+        return .line(line)
     }
 
     /// A chunk-size line's size: hexadecimal digits, then any chunk extensions (read past).
@@ -366,12 +388,12 @@ struct HTTPRequestParser {
         return size
     }
 
-    /// `;name` or `;name=value`, any number, spaces and tabs around them (RFC 9112 7.1.1): each
-    /// `;` starts a token; what follows it up to the next `;` is visible ASCII or spaces.
+    /// `;name` or `;name=value`, any number, spaces and tabs before each `;` (RFC 9112 7.1.1):
+    /// each `;` starts a token; what follows it up to the next `;` is visible ASCII or spaces.
     private static func areChunkExtensions(_ bytes: UnsafeRawBufferPointer) -> Bool {
         var index = 0
         while index < bytes.count, bytes[index] == 0x20 || bytes[index] == 0x09 { index += 1 }
-        guard index < bytes.count else { return true }
+        guard index < bytes.count else { return false }
         while index < bytes.count {
             guard bytes[index] == UInt8(ascii: ";") else { return false }
             index += 1

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import UsageTrackingCore
 
 /// A request's head as `HTTPRequestParser` read it: its bytes, kept as they arrived, and where
 /// the target and each field are in them. Nothing becomes a `String` until it is asked for.
@@ -48,6 +49,10 @@ struct RequestHead {
     var route: Route {
         self.bytes.withUnsafeReadableBytes { Route(target: UnsafeRawBufferPointer(rebasing: $0[self.target])) }
     }
+
+    /// The method as replies and logs name it: any token is a method, so it is cut like other
+    /// text the client chose.
+    var echoedMethod: String { self.method.rawValue.truncated(toUTF8Bytes: ClientText.echoedBytes) }
 
     /// GET or HEAD: what the read-only routes answer.
     var isRead: Bool { self.method == .GET || self.method == .HEAD }

@@ -36,9 +36,10 @@ enum Route: Int {
         var target = Substring(uri)
         // String's `hasPrefix`, not Substring's generic one: same answer, a fraction of the cost.
         if !uri.hasPrefix("/"), let scheme = target.firstRange(of: "://") {
-            let afterAuthority = target[scheme.upperBound...].firstIndex(of: "/") ?? target.endIndex
+            // The authority ends at the path, or at the query when there is no path.
+            let afterAuthority = target[scheme.upperBound...].firstIndex { $0 == "/" || $0 == "?" } ?? target.endIndex
             target = target[afterAuthority...]
-            if target.isEmpty { return "/" }
+            if target.isEmpty || target.first == "?" { return "/" }
         }
         return target.utf8.firstIndex(of: UInt8(ascii: "?")).map { target[..<$0] } ?? target
     }

@@ -84,7 +84,7 @@ enum Router {
         guard request.head.isRead else {
             return .error(
                 .methodNotAllowed, "method not allowed",
-                ["\(request.head.method.rawValue) \(path) is not allowed; use GET"],
+                ["\(request.head.echoedMethod) \(path) is not allowed; use GET"],
                 headers: [("allow", "GET, HEAD")]
             )
         }

@@ -66,11 +66,11 @@ import UsageTrackingCore
     @Test(arguments: [
         ("GET / HTTP/2.0\r\n\r\n", 505, #"{"error":"malformed HTTP request","problems":["HTTP/2.0 is not supported; send HTTP/1.1"]}"#),
         (
-            "POST /track HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+            "POST /track HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
             #"{"error":"malformed HTTP request","problems":["Transfer-Encoding other than chunked is not supported; send chunked or a Content-Length"]}"#
         ),
         (
-            "POST /track HTTP/1.1\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
+            "POST /track HTTP/1.1\r\nHost: t\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
             #"{"error":"malformed HTTP request","problems":["both Content-Length and Transfer-Encoding are given; send one"]}"#
         ),
     ])
@@ -85,6 +85,34 @@ import UsageTrackingCore
         #expect(!harness.channel.isActive)
     }
 
+    /// Any token is a method; the reply and the log name it cut, like other text the client chose.
+    @Test func aLongMethodIsEchoedCut() throws {
+        let method = String(repeating: "M", count: 1000)
+        let cut = String(repeating: "M", count: 61) + "…"
+        for (path, allowed) in [("/track", "POST"), ("/healthz", "GET")] {
+            let harness = try PipelineHarness()
+            let responses = try harness.send(PipelineHarness.get(path, method: method))
+            #expect(responses.map(\.status) == [405])
+            #expect(responses[0].text == #"{"error":"method not allowed","problems":[""# + cut + " \(path) is not allowed; use \(allowed)" + #""]}"# + "\n")
+            #expect(!harness.logs.all.contains { $0.contains(String(repeating: "M", count: 100)) })
+        }
+    }
+
+    /// An absolute-form target's authority ends at its path or its query: `http://h?/track` is
+    /// a request for `/`, as a proxy would route it.
+    @Test func anAbsoluteTargetsQueryIsNotItsPath() throws {
+        let harness = try PipelineHarness()
+        let responses = try harness.send(PipelineHarness.post(#"{"user":"q"}"#, path: "http://h?/track"))
+        #expect(responses.map(\.status) == [405])
+        #expect(harness.state.metrics.requests.value(["q", "", ""]) == 0)
+    }
+
+    @Test func http10GetsNoInterimReply() throws {
+        let harness = try PipelineHarness()
+        let responses = try harness.send("POST /track HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 12\r\n\r\n{\"user\":\"a\"}")
+        #expect(responses.map(\.status) == [202])
+    }
+
     @Test func chunkedCallbackIsCounted() throws {
         let harness = try PipelineHarness()
         let responses = try harness.send(
@@ -97,7 +125,7 @@ import UsageTrackingCore
 
     @Test func oversizeHeadGets431() throws {
         let harness = try PipelineHarness { $0.maxHeaderBytes = 1024 }
-        let responses = try harness.send("GET /healthz HTTP/1.1\r\nX-Big: \(String(repeating: "a", count: 2000))\r\n\r\n")
+        let responses = try harness.send("GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: \(String(repeating: "a", count: 2000))\r\n\r\n")
         #expect(responses.map(\.status) == [431])
         #expect(responses[0].text == #"{"error":"request header too large","problems":["request head exceeds 1024 bytes"]}"# + "\n")
         #expect(!harness.channel.isActive)

@@ -16,6 +16,20 @@ final class ReadCounter: ChannelOutboundHandler, @unchecked Sendable {
     }
 }
 
+/// A socket whose outbound bytes are never taken: closing its output never completes.
+final class StalledHalfClose: ChannelOutboundHandler, @unchecked Sendable {
+    typealias OutboundIn = Never
+    var held: [EventLoopPromise<Void>] = []
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        guard mode == .output else {
+            context.close(mode: mode, promise: promise)
+            return
+        }
+        if let promise { self.held.append(promise) }
+    }
+}
+
 extension PipelineHarness {
     /// Puts a `ReadCounter` in front of the pipeline, where the socket would be.
     func countReads() throws -> ReadCounter {
@@ -82,6 +96,24 @@ extension PipelineHarness {
         #expect(statuses.first == 200 && statuses.last == 404)
     }
 
+    /// However small the requests a client pipelines, at most `AnswerQueue.maxWaiting` of them
+    /// wait as requests; the rest of what was read stays bytes until they are answered.
+    @Test func waitingRequestsAreCapped() throws {
+        let work = HeldWork()
+        let harness = try PipelineHarness(runOffLoop: work.runner())
+        let reads = try harness.countReads()
+        let tiny = "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        #expect(try harness.send(PipelineHarness.get("/metrics") + String(repeating: tiny, count: 200)).isEmpty)
+        #expect(try harness.handler.waitingRequests == AnswerQueue.maxWaiting)
+        #expect(try harness.handler.unparsedBytes == (200 - AnswerQueue.maxWaiting) * tiny.utf8.count)
+        harness.channel.read()
+        #expect(reads.reads == 0, "nothing more is read while requests wait")
+        work.release()
+        #expect(try harness.responses().map(\.status) == Array(repeating: 200, count: 201))
+        #expect(try harness.handler.waitingRequests == 0 && harness.handler.unparsedBytes == 0)
+        #expect(reads.reads == 1, "reading resumes once every request is answered")
+    }
+
     /// A chunked body behind a render is held only up to the limit, then refused in its turn.
     @Test func bodyLimitHoldsWhileRequestsWait() throws {
         let work = HeldWork()
@@ -125,6 +157,39 @@ extension PipelineHarness {
         #expect(!harness.channel.isActive)
     }
 
+    /// A 408 that waits behind replies the client does not read still ends the connection at
+    /// the idle timeout.
+    @Test func aTimedOutRequestBehindUnreadRepliesIsClosedWhenIdle() throws {
+        let harness = try PipelineHarness {
+            $0.idleTimeout = .seconds(60)
+            $0.requestTimeout = .seconds(10)
+        }
+        harness.setWritable(false)
+        #expect(try harness.send(PipelineHarness.get("/healthz") + "POST /track HTTP/1.1\r\nHost: t\r\nContent-Length: 20\r\n\r\n").isEmpty)
+        let loop = harness.channel.embeddedEventLoop
+        loop.advanceTime(by: .seconds(10))
+        #expect(harness.channel.isActive, "the 408 waits behind the unread reply")
+        loop.advanceTime(by: .seconds(49))
+        #expect(harness.channel.isActive)
+        loop.advanceTime(by: .seconds(1))
+        #expect(!harness.channel.isActive)
+    }
+
+    /// The reply that closes a connection waits to be read at most the idle timeout: a client
+    /// that never reads it cannot keep the connection (its socket's send buffer full, the half
+    /// close never done).
+    @Test func aClosingConnectionWhoseLastReplyGoesUnreadIsClosedWhenIdle() throws {
+        let harness = try PipelineHarness { $0.idleTimeout = .seconds(5) }
+        try harness.channel.pipeline.syncOperations.addHandler(StalledHalfClose(), position: .first)
+        let responses = try harness.send(PipelineHarness.get("/healthz", headers: ["Connection: close"]))
+        #expect(responses.map(\.status) == [200])
+        let loop = harness.channel.embeddedEventLoop
+        loop.advanceTime(by: .seconds(4))
+        #expect(harness.channel.isActive)
+        loop.advanceTime(by: .seconds(1))
+        #expect(!harness.channel.isActive)
+    }
+
     @Test func requestsThatArriveInTimeAreUntouched() throws {
         let harness = try PipelineHarness { $0.requestTimeout = .seconds(10) }
         let loop = harness.channel.embeddedEventLoop
@@ -140,11 +205,11 @@ extension PipelineHarness {
 /// Refusals decided from the head are answered at once; the body is never read.
 @Suite struct EarlyRefusalTests {
     @Test(arguments: [
-        ("POST /track HTTP/1.1\r\nContent-Length: 2000000000\r\n\r\n", 401),
-        ("POST /track HTTP/1.1\r\nContent-Length: 2000000000\r\nExpect: 100-continue\r\n\r\n", 401),
-        ("PUT /track HTTP/1.1\r\nAuthorization: Bearer s\r\nContent-Length: 2000000000\r\n\r\n", 405),
-        ("POST /track HTTP/1.1\r\nAuthorization: Bearer s\r\nContent-Length: 2000000000\r\n\r\n", 413),
-        ("POST /track HTTP/1.1\r\nAuthorization: Bearer s\r\nContent-Encoding: gzip\r\nContent-Length: 20\r\n\r\n", 415),
+        ("POST /track HTTP/1.1\r\nHost: t\r\nContent-Length: 2000000000\r\n\r\n", 401),
+        ("POST /track HTTP/1.1\r\nHost: t\r\nContent-Length: 2000000000\r\nExpect: 100-continue\r\n\r\n", 401),
+        ("PUT /track HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer s\r\nContent-Length: 2000000000\r\n\r\n", 405),
+        ("POST /track HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer s\r\nContent-Length: 2000000000\r\n\r\n", 413),
+        ("POST /track HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer s\r\nContent-Encoding: gzip\r\nContent-Length: 20\r\n\r\n", 415),
     ])
     func refusedFromTheHead(head: String, status: Int) throws {
         let harness = try PipelineHarness { $0.callbackSecret = "s" }
