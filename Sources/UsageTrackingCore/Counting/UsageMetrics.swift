@@ -76,16 +76,16 @@ public final class UsageMetrics: Sendable {
     @discardableResult
     public func count(_ callback: Callback) -> [SeriesHandle?] {
         // A callback's series cover the `/track` families; a token count's cover them all.
-        callback.series.indices.map { index in
-            callback.amount(forFamily: index).map { self.families[index].increment(callback.series[index], by: $0) }
+        callback.families.indices.map { index in
+            callback.amount(forFamily: index).map { self.families[index].increment(callback.labels(ofFamily: index), by: $0) }
         }
     }
 
     /// The series `callback` would count in, without counting it (see `CounterFamily.reserve`):
     /// the ledger's `always` mode counts only once the increment is committed (`add`).
     public func resolve(_ callback: Callback) -> [SeriesHandle?] {
-        callback.series.indices.map { index in
-            callback.amount(forFamily: index).map { _ in self.families[index].reserve(callback.series[index]) }
+        callback.families.indices.map { index in
+            callback.amount(forFamily: index).map { _ in self.families[index].reserve(callback.labels(ofFamily: index)) }
         }
     }
 

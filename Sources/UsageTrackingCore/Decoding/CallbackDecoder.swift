@@ -129,12 +129,11 @@ public struct CallbackDecoder: Sendable {
         guard problems.isEmpty else {
             throw CallbackRejection(.invalid, problems.ordered, fieldNames: plan.fieldNames(fields))
         }
-        let series: [LabelValues] = plan.metricLabelRanges.count == 1 ? [resolved] : plan.metricLabelRanges.map { Array(resolved[$0]) }
-        var callback = Callback(series: series, amounts: amounts, method: method, host: host)
-        if let (metric, index) = plan.userLabel { callback.user = series[metric][index] }
-        if let (metric, index) = plan.groupsLabel { callback.groups = series[metric][index] }
-        if let (metric, index) = plan.pathLabel { callback.path = series[metric][index] }
-        return callback
+        return Callback(
+            labels: resolved, families: plan.metricLabelRanges, amounts: amounts, method: method, host: host,
+            user: plan.userLabel.map { resolved[$0] } ?? "", groups: plan.groupsLabel.map { resolved[$0] } ?? "",
+            path: plan.pathLabel.map { resolved[$0] } ?? ""
+        )
     }
 
     /// One label's exposed value: read, normalised, checked, defaulted, templated, hashed.

@@ -51,7 +51,7 @@ public struct TokenDecoder: Sendable {
             if self.type < fields.values.count { fields.add(self.type, .text(type)) }
             fields.add(self.tokens, .number(.whole(amount)))
             var callback = try self.decoder.validate(fields, headers: headers)
-            callback.series = Array(repeating: [], count: self.familyOffset) + callback.series
+            callback.families = Array(repeating: 0..<0, count: self.familyOffset) + callback.families
             callback.amounts = Array(repeating: nil, count: self.familyOffset) + callback.amounts
             callbacks.append(callback)
         }
