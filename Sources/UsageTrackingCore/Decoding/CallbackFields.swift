@@ -108,7 +108,8 @@ enum NumberReading: Equatable {
 
 /// The wanted fields of one body, by field id, plus what the error reply and debug view need.
 struct ScannedFields {
-    var values: [FieldValue?]
+    /// On the stack, for as long as `withEmpty`'s body runs.
+    let values: UnsafeMutableBufferPointer<FieldValue?>
     /// Field ids given more than once (a form's list fields excepted), in the order seen.
     private(set) var repeated: [Int] = []
     /// Names of members nobody asked for, for the debug view of refused callbacks.
@@ -119,15 +120,24 @@ struct ScannedFields {
     let listFields: [Bool]
     let mergesRepeats: Bool
 
-    init(fieldCount: Int, listFields: [Bool], mergesRepeats: Bool) {
-        // Reserved and appended rather than `Array(repeating:count:)`, whose allocation runs
-        // unspecialised in the runtime and looks up the array's type metadata every time.
-        var values: [FieldValue?] = []
-        values.reserveCapacity(fieldCount)
-        for _ in 0..<fieldCount { values.append(nil) }
+    private init(values: UnsafeMutableBufferPointer<FieldValue?>, listFields: [Bool], mergesRepeats: Bool) {
         self.values = values
         self.listFields = listFields
         self.mergesRepeats = mergesRepeats
+    }
+
+    /// Calls `body` with no field found yet. The values live on the stack: an array of them
+    /// costs an allocation per body, and its destruction runs unspecialised in the runtime.
+    static func withEmpty<Result, Failure: Error>(
+        fieldCount: Int, listFields: [Bool], mergesRepeats: Bool, _ body: (inout ScannedFields) throws(Failure) -> Result
+    ) throws(Failure) -> Result {
+        try withUnsafeTemporaryAllocation(of: FieldValue?.self, capacity: fieldCount) { (values) throws(Failure) in
+            values.initialize(repeating: nil)
+            // One by one, which is specialised: `deinitialize()` destroys through the runtime.
+            defer { for index in values.indices { _ = (values.baseAddress! + index).move() } }
+            var fields = ScannedFields(values: values, listFields: listFields, mergesRepeats: mergesRepeats)
+            return try body(&fields)
+        }
     }
 
     var isEmpty: Bool {

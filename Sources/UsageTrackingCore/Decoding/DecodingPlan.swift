@@ -46,6 +46,7 @@ final class DecodingPlan: Sendable {
         let required: Bool
     }
 
+    let schema: MeteringSchema
     /// Body fields by id, dotted names as written in the schema.
     let fields: [String]
     /// Whether a form may repeat the field to send a list (it feeds a `set` label).
@@ -129,6 +130,7 @@ final class DecodingPlan: Sendable {
             ranges.append(start..<labels.count)
             values.append(metric.value.map { Value(field: body($0.from), required: $0.required) })
         }
+        self.schema = schema
         self.methodField = body("method")
         self.hostField = body("host")
         self.fields = fields
