@@ -49,9 +49,10 @@ final class FieldTable: Sendable {
         FieldTable(entries: fields.enumerated().map { Entry(name: Array($0.element.utf8), field: $0.offset, children: nil) })
     }
 
-    /// The entry whose name has exactly these bytes: lengths first, so most misses cost one compare.
+    /// The entry whose name has exactly these bytes: lengths and first bytes first, so that most
+    /// misses cost two compares and no call.
     func find(_ name: UnsafeRawBufferPointer) -> Int? {
-        for index in self.entries.indices where self.entries[index].name.count == name.count {
+        for index in self.entries.indices where self.entries[index].name.count == name.count && self.entries[index].name.first == name.first {
             // memcmp: the generic `elementsEqual` costs several instructions a byte.
             let same = self.entries[index].name.withUnsafeBytes { name.isEmpty || memcmp($0.baseAddress!, name.baseAddress!, name.count) == 0 }
             if same { return index }
