@@ -145,7 +145,8 @@ struct ScannedFields {
         self.unknownNames.isEmpty && self.enteredBranches.isEmpty && !self.values.contains { $0 != nil }
     }
 
-    mutating func add(_ field: Int, _ new: FieldValue) {
+    /// `new` is consumed, so that the common case moves it into place instead of copying it.
+    mutating func add(_ field: Int, _ new: consuming FieldValue) {
         guard let old = self.values[field] else {
             self.values[field] = new
             return
