@@ -135,7 +135,7 @@ struct ScannedFields {
         try withUnsafeTemporaryAllocation(of: FieldValue?.self, capacity: fieldCount) { (values) throws(Failure) in
             values.initialize(repeating: nil)
             // One by one, which is specialised: `deinitialize()` destroys through the runtime.
-            defer { for index in values.indices { _ = (values.baseAddress! + index).move() } }
+            defer { for index in values.indices { _ = values.moveElement(from: index) } }
             var fields = ScannedFields(values: values, listFields: listFields, mergesRepeats: mergesRepeats)
             return try body(&fields)
         }
