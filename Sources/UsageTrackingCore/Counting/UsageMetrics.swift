@@ -72,20 +72,26 @@ public final class UsageMetrics: Sendable {
     /// Counts an accepted callback in every family (a family whose value field was absent skips
     /// it). The callback is fully validated before this, so either all families count it or,
     /// when it was refused, none does.
-    /// Returns the series counted, per family (nil where skipped), for the ledger.
-    @discardableResult
-    public func count(_ callback: Callback) -> [SeriesHandle?] {
-        // A callback's series cover the `/track` families; a token count's cover them all.
-        callback.series.indices.map { index in
-            callback.amount(forFamily: index).map { self.families[index].increment(callback.series[index], by: $0) }
+    public func count(_ callback: Callback) {
+        // A callback's families are the `/track` ones; a token count's cover them all.
+        for index in callback.families.indices {
+            if let amount = callback.amount(forFamily: index) { self.families[index].increment(callback.labels(ofFamily: index), by: amount) }
+        }
+    }
+
+    /// `count`, returning the series counted, per family (nil where skipped), for the ledger.
+    /// Apart from `count` because collecting them costs an allocation per callback.
+    public func countReturningSeries(_ callback: Callback) -> [SeriesHandle?] {
+        callback.families.indices.map { index in
+            callback.amount(forFamily: index).map { self.families[index].increment(callback.labels(ofFamily: index), by: $0) }
         }
     }
 
     /// The series `callback` would count in, without counting it (see `CounterFamily.reserve`):
     /// the ledger's `always` mode counts only once the increment is committed (`add`).
     public func resolve(_ callback: Callback) -> [SeriesHandle?] {
-        callback.series.indices.map { index in
-            callback.amount(forFamily: index).map { _ in self.families[index].reserve(callback.series[index]) }
+        callback.families.indices.map { index in
+            callback.amount(forFamily: index).map { _ in self.families[index].reserve(callback.labels(ofFamily: index)) }
         }
     }
 

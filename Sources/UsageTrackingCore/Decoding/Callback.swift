@@ -1,32 +1,50 @@
 /// One authorized request as Authorino reports it, after validation and normalisation: the
 /// label values it is counted under in every family, already templated and hashed.
 public struct Callback: Sendable, Equatable {
-    /// Label values per family, in the schema's order of families and labels.
-    public var series: [LabelValues]
+    /// Every family's label values, one family after another, in the schema's order of families
+    /// and labels: one array for them all, so that decoding a callback allocates once for them.
+    public var labels: LabelValues
+    /// Where each family's values lie in `labels`.
+    public var families: [Range<Int>]
     /// The increment per family (nil: that family skips this callback); empty means 1 for all.
     public var amounts: [UInt64?]
     /// The values of the labels named `user`, `groups` and `path` (the first family that has
     /// them), as exposed, for the debug view and logs; "" when the schema has no such label.
-    public var user = ""
-    public var groups = ""
-    public var path = ""
+    public var user: String
+    public var groups: String
+    public var path: String
     /// The gateway request's method and host: logged and shown in the debug view, not counted.
     public var method: String
     public var host: String
 
     /// A callback of the built-in schema, `llm_requests_total{user,groups,path}`.
     public init(user: String, groups: String, path: String, method: String = "", host: String = "") {
-        self.init(series: [[user, groups, path]], method: method, host: host)
+        self.init(labels: [user, groups, path], families: [0..<3], method: method, host: host, user: user, groups: groups, path: path)
+    }
+
+    public init(
+        labels: LabelValues, families: [Range<Int>], amounts: [UInt64?] = [], method: String = "", host: String = "",
+        user: String = "", groups: String = "", path: String = ""
+    ) {
+        self.labels = labels
+        self.families = families
+        self.amounts = amounts
+        self.method = method
+        self.host = host
         self.user = user
         self.groups = groups
         self.path = path
     }
 
-    public init(series: [LabelValues], amounts: [UInt64?] = [], method: String = "", host: String = "") {
-        self.series = series
-        self.amounts = amounts
-        self.method = method
-        self.host = host
+    /// Family `index`'s label values; the array itself when the callback has one family.
+    public func labels(ofFamily index: Int) -> LabelValues {
+        let range = self.families[index]
+        return range.count == self.labels.count ? self.labels : Array(self.labels[range])
+    }
+
+    /// Label values per family, in the schema's order.
+    public var series: [LabelValues] {
+        self.families.indices.map { self.labels(ofFamily: $0) }
     }
 
     /// What family `index` adds for this callback, or nil when it skips it.
@@ -37,9 +55,9 @@ public struct Callback: Sendable, Equatable {
     /// Equal when every value holds the same bytes: these become label values, which Prometheus
     /// compares by bytes, so `String`'s canonical equivalence would call different series equal.
     public static func == (a: Callback, b: Callback) -> Bool {
-        guard a.series.count == b.series.count, a.amount(forFamilies: a.series.count) == b.amount(forFamilies: b.series.count) else { return false }
-        for (x, y) in zip(a.series, b.series) {
-            guard x.count == y.count, zip(x, y).allSatisfy({ $0.hasSameBytes(as: $1) }) else { return false }
+        guard a.families.count == b.families.count, a.amount(forFamilies: a.families.count) == b.amount(forFamilies: b.families.count) else { return false }
+        for (x, y) in zip(a.families, b.families) {
+            guard x.count == y.count, zip(a.labels[x], b.labels[y]).allSatisfy({ $0.hasSameBytes(as: $1) }) else { return false }
         }
         return a.method.hasSameBytes(as: b.method) && a.host.hasSameBytes(as: b.host)
     }

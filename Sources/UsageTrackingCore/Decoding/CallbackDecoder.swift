@@ -10,8 +10,9 @@
 public struct CallbackDecoder: Sendable {
     /// Longest accepted value of any field, in UTF-8 bytes, after normalisation.
     public var maximumValueBytes: Int
-    public let schema: MeteringSchema
+    /// Only a reference and a number, so that capturing the decoder retains one object.
     let plan: DecodingPlan
+    public var schema: MeteringSchema { self.plan.schema }
 
     /// The built-in schema, as before the metering schema existed.
     public init(maximumValueBytes: Int = 256) {
@@ -22,7 +23,6 @@ public struct CallbackDecoder: Sendable {
     public init(schema: MeteringSchema, maximumValueBytes: Int = 256, hasher: LabelHasher? = nil) {
         precondition(!schema.needsHMACKey || hasher != nil, "a hashed label needs a key")
         self.maximumValueBytes = maximumValueBytes
-        self.schema = schema
         self.plan = DecodingPlan(schema, hasher: hasher)
     }
 
@@ -30,8 +30,14 @@ public struct CallbackDecoder: Sendable {
     public var headerNames: [String] { self.plan.headerNames }
 
     public func decode(_ body: UnsafeRawBufferPointer, contentType: String?, headers: [String?] = []) throws(CallbackRejection) -> Callback {
-        let fields = try self.scan(body, contentType: contentType)
-        return try self.validate(fields, headers: headers)
+        let encoding = try Self.encoding(of: contentType)
+        let firstByte = body.first { !($0 == 0x20 || $0 == 0x09 || $0 == 0x0A || $0 == 0x0D) }
+        let isJSON = encoding == .json || firstByte == UInt8(ascii: "{") || firstByte == nil
+        return try ScannedFields.withEmpty(fieldCount: self.plan.fields.count, listFields: self.plan.listFields, mergesRepeats: !isJSON) {
+            (fields) throws(CallbackRejection) in
+            try self.scan(body, isJSON: isJSON, into: &fields)
+            return try self.validate(fields, headers: headers)
+        }
     }
 
     public func decode(_ body: [UInt8], contentType: String?, headers: [String?] = []) throws(CallbackRejection) -> Callback {
@@ -80,25 +86,20 @@ public struct CallbackDecoder: Sendable {
         }
     }
 
-    private func scan(_ body: UnsafeRawBufferPointer, contentType: String?) throws(CallbackRejection) -> ScannedFields {
-        let encoding = try Self.encoding(of: contentType)
-        let firstByte = body.first { !($0 == 0x20 || $0 == 0x09 || $0 == 0x0A || $0 == 0x0D) }
-        if encoding == .json || firstByte == UInt8(ascii: "{") || firstByte == nil {
-            var fields = ScannedFields(fieldCount: self.plan.fields.count, listFields: self.plan.listFields, mergesRepeats: false)
+    private func scan(_ body: UnsafeRawBufferPointer, isJSON: Bool, into fields: inout ScannedFields) throws(CallbackRejection) {
+        if isJSON {
             do {
                 try JSONObjectScanner.scan(body, table: self.plan.jsonTable, into: &fields)
             } catch {
                 throw CallbackRejection(.malformed, ["JSON: \(error.message)"])
             }
-            return fields
+            return
         }
-        var fields = ScannedFields(fieldCount: self.plan.fields.count, listFields: self.plan.listFields, mergesRepeats: true)
         do {
             try FormScanner.scan(body, table: self.plan.formTable, into: &fields)
         } catch {
             throw CallbackRejection(.malformed, ["form: \(error.message)"])
         }
-        return fields
     }
 
     // MARK: validation
@@ -129,12 +130,11 @@ public struct CallbackDecoder: Sendable {
         guard problems.isEmpty else {
             throw CallbackRejection(.invalid, problems.ordered, fieldNames: plan.fieldNames(fields))
         }
-        let series: [LabelValues] = plan.metricLabelRanges.count == 1 ? [resolved] : plan.metricLabelRanges.map { Array(resolved[$0]) }
-        var callback = Callback(series: series, amounts: amounts, method: method, host: host)
-        if let (metric, index) = plan.userLabel { callback.user = series[metric][index] }
-        if let (metric, index) = plan.groupsLabel { callback.groups = series[metric][index] }
-        if let (metric, index) = plan.pathLabel { callback.path = series[metric][index] }
-        return callback
+        return Callback(
+            labels: resolved, families: plan.metricLabelRanges, amounts: amounts, method: method, host: host,
+            user: plan.userLabel.map { resolved[$0] } ?? "", groups: plan.groupsLabel.map { resolved[$0] } ?? "",
+            path: plan.pathLabel.map { resolved[$0] } ?? ""
+        )
     }
 
     /// One label's exposed value: read, normalised, checked, defaulted, templated, hashed.

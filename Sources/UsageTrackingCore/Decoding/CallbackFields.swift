@@ -49,9 +49,10 @@ final class FieldTable: Sendable {
         FieldTable(entries: fields.enumerated().map { Entry(name: Array($0.element.utf8), field: $0.offset, children: nil) })
     }
 
-    /// The entry whose name has exactly these bytes: lengths first, so most misses cost one compare.
+    /// The entry whose name has exactly these bytes: lengths and first bytes first, so that most
+    /// misses cost two compares and no call.
     func find(_ name: UnsafeRawBufferPointer) -> Int? {
-        for index in self.entries.indices where self.entries[index].name.count == name.count {
+        for index in self.entries.indices where self.entries[index].name.count == name.count && self.entries[index].name.first == name.first {
             // memcmp: the generic `elementsEqual` costs several instructions a byte.
             let same = self.entries[index].name.withUnsafeBytes { name.isEmpty || memcmp($0.baseAddress!, name.baseAddress!, name.count) == 0 }
             if same { return index }
@@ -108,7 +109,8 @@ enum NumberReading: Equatable {
 
 /// The wanted fields of one body, by field id, plus what the error reply and debug view need.
 struct ScannedFields {
-    var values: [FieldValue?]
+    /// On the stack, for as long as `withEmpty`'s body runs.
+    let values: UnsafeMutableBufferPointer<FieldValue?>
     /// Field ids given more than once (a form's list fields excepted), in the order seen.
     private(set) var repeated: [Int] = []
     /// Names of members nobody asked for, for the debug view of refused callbacks.
@@ -119,22 +121,32 @@ struct ScannedFields {
     let listFields: [Bool]
     let mergesRepeats: Bool
 
-    init(fieldCount: Int, listFields: [Bool], mergesRepeats: Bool) {
-        // Reserved and appended rather than `Array(repeating:count:)`, whose allocation runs
-        // unspecialised in the runtime and looks up the array's type metadata every time.
-        var values: [FieldValue?] = []
-        values.reserveCapacity(fieldCount)
-        for _ in 0..<fieldCount { values.append(nil) }
+    private init(values: UnsafeMutableBufferPointer<FieldValue?>, listFields: [Bool], mergesRepeats: Bool) {
         self.values = values
         self.listFields = listFields
         self.mergesRepeats = mergesRepeats
+    }
+
+    /// Calls `body` with no field found yet. The values live on the stack: an array of them
+    /// costs an allocation per body, and its destruction runs unspecialised in the runtime.
+    static func withEmpty<Result, Failure: Error>(
+        fieldCount: Int, listFields: [Bool], mergesRepeats: Bool, _ body: (inout ScannedFields) throws(Failure) -> Result
+    ) throws(Failure) -> Result {
+        try withUnsafeTemporaryAllocation(of: FieldValue?.self, capacity: fieldCount) { (values) throws(Failure) in
+            values.initialize(repeating: nil)
+            // One by one, which is specialised: `deinitialize()` destroys through the runtime.
+            defer { for index in values.indices { _ = values.moveElement(from: index) } }
+            var fields = ScannedFields(values: values, listFields: listFields, mergesRepeats: mergesRepeats)
+            return try body(&fields)
+        }
     }
 
     var isEmpty: Bool {
         self.unknownNames.isEmpty && self.enteredBranches.isEmpty && !self.values.contains { $0 != nil }
     }
 
-    mutating func add(_ field: Int, _ new: FieldValue) {
+    /// `new` is consumed, so that the common case moves it into place instead of copying it.
+    mutating func add(_ field: Int, _ new: consuming FieldValue) {
         guard let old = self.values[field] else {
             self.values[field] = new
             return

@@ -46,6 +46,7 @@ final class DecodingPlan: Sendable {
         let required: Bool
     }
 
+    let schema: MeteringSchema
     /// Body fields by id, dotted names as written in the schema.
     let fields: [String]
     /// Whether a form may repeat the field to send a list (it feeds a `set` label).
@@ -61,10 +62,10 @@ final class DecodingPlan: Sendable {
     /// Not counted; logged and shown in /debug, so always read.
     let methodField: Int
     let hostField: Int
-    /// Where `Callback.user`, `.groups` and `.path` are taken from: (family, label).
-    let userLabel: (Int, Int)?
-    let groupsLabel: (Int, Int)?
-    let pathLabel: (Int, Int)?
+    /// Where `Callback.user`, `.groups` and `.path` are taken from, in `labels`.
+    let userLabel: Int?
+    let groupsLabel: Int?
+    let pathLabel: Int?
     let jsonTable: FieldTable
     let formTable: FieldTable
     let routes: RouteTemplates
@@ -98,10 +99,10 @@ final class DecodingPlan: Sendable {
         var labels: [Label] = []
         var ranges: [Range<Int>] = []
         var values: [Value?] = []
-        var userLabel: (Int, Int)?, groupsLabel: (Int, Int)?, pathLabel: (Int, Int)?
-        for (metricIndex, metric) in schema.metrics.enumerated() {
+        var userLabel: Int?, groupsLabel: Int?, pathLabel: Int?
+        for metric in schema.metrics {
             let start = labels.count
-            for (labelIndex, label) in metric.labels.enumerated() {
+            for label in metric.labels {
                 let input: Input
                 switch label.source {
                 case .body(let name):
@@ -114,21 +115,22 @@ final class DecodingPlan: Sendable {
                     $0.input == input && $0.kind == label.kind && $0.required == label.required
                         && $0.defaultValue == label.defaultValue && ($0.hasher == nil) == (label.hash == nil)
                 }
+                switch label.name {
+                case "user" where userLabel == nil: userLabel = labels.count
+                case "groups" where groupsLabel == nil: groupsLabel = labels.count
+                case "path" where pathLabel == nil: pathLabel = labels.count
+                default: break
+                }
                 labels.append(Label(
                     input: input, kind: label.kind, required: label.required, defaultValue: label.defaultValue,
                     hasher: label.hash == nil ? nil : hasher, rank: rank(source), problemName: label.source.problemName,
                     sameAs: sameAs.flatMap { labels[$0].sameAs ?? $0 }
                 ))
-                switch label.name {
-                case "user" where userLabel == nil: userLabel = (metricIndex, labelIndex)
-                case "groups" where groupsLabel == nil: groupsLabel = (metricIndex, labelIndex)
-                case "path" where pathLabel == nil: pathLabel = (metricIndex, labelIndex)
-                default: break
-                }
             }
             ranges.append(start..<labels.count)
             values.append(metric.value.map { Value(field: body($0.from), required: $0.required) })
         }
+        self.schema = schema
         self.methodField = body("method")
         self.hostField = body("host")
         self.fields = fields

@@ -226,6 +226,16 @@ struct JSONObjectScanner {
     private mutating func readRawString() throws(SyntaxError) -> RawString {
         self.index += 1
         let start = self.index
+        // Skips plain ASCII eight bytes at a time to the first byte that needs a look (see
+        // `stops`), while eight remain; the byte loop below then starts on that byte.
+        while self.index + 8 <= self.bytes.count {
+            let stops = Self.stops(in: UInt64(littleEndian: self.bytes.loadUnaligned(fromByteOffset: self.index, as: UInt64.self)))
+            if stops != 0 {
+                self.index += stops.trailingZeroBitCount >> 3
+                break
+            }
+            self.index += 8
+        }
         // Fast path: no escapes, so the string is the bytes between the quotes.
         var combined: UInt8 = 0
         while let byte = self.peek() {
@@ -256,6 +266,20 @@ struct JSONObjectScanner {
             }
         }
         throw self.error("unterminated string")
+    }
+
+    /// The high bit of each byte of `word` (first byte lowest) that the byte loop must see: a
+    /// quote, a backslash, a control character or a byte of a non-ASCII character. `x - 0x01`
+    /// borrows out of a zero byte and `x - 0x20` out of one below 0x20, and a borrow only starts
+    /// at such a byte, so the lowest bit set is exact (bytes above it may be flagged wrongly;
+    /// they are read one by one).
+    private static func stops(in word: UInt64) -> UInt64 {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let quotes = word ^ (ones &* 0x22), backslashes = word ^ (ones &* 0x5C)
+        let zeroQuote = (quotes &- ones) & ~quotes
+        let zeroBackslash = (backslashes &- ones) & ~backslashes
+        let control = (word &- ones &* 0x20) & ~word
+        return (zeroQuote | zeroBackslash | control | word) & (ones &* 0x80)
     }
 
     private mutating func readEscape(into decoded: inout [UInt8]) throws(SyntaxError) {

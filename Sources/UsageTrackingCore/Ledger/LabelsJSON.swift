@@ -20,21 +20,22 @@ enum LabelsJSON {
         /// The values of `names`, in order; nil when the text is not a JSON object holding each
         /// of them once, as a string of valid UTF-8.
         func decode(_ text: String) -> LabelValues? {
-            var fields = ScannedFields(fieldCount: self.names.count, listFields: self.names.map { _ in false }, mergesRepeats: false)
             var bytes = Array(text.utf8)
-            let scanned = bytes.withUnsafeMutableBytes { buffer in
-                Result { () throws(JSONObjectScanner.SyntaxError) in
-                    try JSONObjectScanner.scan(UnsafeRawBufferPointer(buffer), table: self.table, into: &fields)
+            return ScannedFields.withEmpty(fieldCount: self.names.count, listFields: self.names.map { _ in false }, mergesRepeats: false) { fields in
+                let scanned = bytes.withUnsafeMutableBytes { buffer in
+                    Result { () throws(JSONObjectScanner.SyntaxError) in
+                        try JSONObjectScanner.scan(UnsafeRawBufferPointer(buffer), table: self.table, into: &fields)
+                    }
                 }
+                guard case .success = scanned, fields.repeated.isEmpty else { return nil }
+                var values: LabelValues = []
+                values.reserveCapacity(self.names.count)
+                for value in fields.values {
+                    guard case .text(let text?)? = value else { return nil }
+                    values.append(text)
+                }
+                return values
             }
-            guard case .success = scanned, fields.repeated.isEmpty else { return nil }
-            var values: LabelValues = []
-            values.reserveCapacity(self.names.count)
-            for value in fields.values {
-                guard case .text(let text?)? = value else { return nil }
-                values.append(text)
-            }
-            return values
         }
     }
 }

@@ -46,12 +46,15 @@ public struct TokenDecoder: Sendable {
     public func decode(model: String, counts: [(type: String, amount: UInt64)], headers: [String?]) throws(CallbackRejection) -> [Callback] {
         var callbacks: [Callback] = []
         for (type, amount) in counts where amount > 0 {
-            var fields = ScannedFields(fieldCount: self.decoder.plan.fields.count, listFields: self.decoder.plan.listFields, mergesRepeats: false)
-            if self.model < fields.values.count { fields.add(self.model, .text(model)) }
-            if self.type < fields.values.count { fields.add(self.type, .text(type)) }
-            fields.add(self.tokens, .number(.whole(amount)))
-            var callback = try self.decoder.validate(fields, headers: headers)
-            callback.series = Array(repeating: [], count: self.familyOffset) + callback.series
+            let plan = self.decoder.plan
+            var callback = try ScannedFields.withEmpty(fieldCount: plan.fields.count, listFields: plan.listFields, mergesRepeats: false) {
+                (fields) throws(CallbackRejection) in
+                if self.model < fields.values.count { fields.add(self.model, .text(model)) }
+                if self.type < fields.values.count { fields.add(self.type, .text(type)) }
+                fields.add(self.tokens, .number(.whole(amount)))
+                return try self.decoder.validate(fields, headers: headers)
+            }
+            callback.families = Array(repeating: 0..<0, count: self.familyOffset) + callback.families
             callback.amounts = Array(repeating: nil, count: self.familyOffset) + callback.amounts
             callbacks.append(callback)
         }

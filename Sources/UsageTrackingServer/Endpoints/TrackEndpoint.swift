@@ -88,9 +88,14 @@ enum TrackEndpoint {
             Self.noteDuplicate(head, sender: sender, state: state)
             return .accepted
         }
-        let series = state.metrics.count(callback)
-        state.metrics.record(.accepted)
-        state.ledgerWriter?.record(series, amounts: callback.amounts, digest: digest, at: now)
+        if let writer = state.ledgerWriter {
+            let series = state.metrics.countReturningSeries(callback)
+            state.metrics.record(.accepted)
+            writer.record(series, amounts: callback.amounts, digest: digest, at: now)
+        } else {
+            state.metrics.count(callback)
+            state.metrics.record(.accepted)
+        }
         Self.noteAccepted(callback, head, sender: sender, state: state)
         return .accepted
     }

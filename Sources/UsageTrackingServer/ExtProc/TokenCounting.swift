@@ -61,7 +61,7 @@ enum TokenCounting {
         if let digest, let window = state.metrics.requestIDs, !window.claim(digest, at: now) {
             return eventLoop.makeSucceededFuture(.duplicate)
         }
-        let series = callbacks.map { state.metrics.count($0) }
+        let series = callbacks.map { state.metrics.countReturningSeries($0) }
         state.ledgerWriter?.record(tokens: series, amounts: callbacks.map(\.amounts), digest: digest, at: now)
         return eventLoop.makeSucceededFuture(done)
     }

@@ -88,6 +88,21 @@ private func rejection(_ body: String, _ contentType: String? = "application/jso
         let user = String(repeating: "x", count: 256)
         #expect(try decode(#"{"user":"\#(user)"}"#).user == user)
     }
+
+    /// The scanner skips plain ASCII in strings eight bytes at a time: every byte that needs a
+    /// look must be seen wherever it falls in those eight.
+    @Test(arguments: 0..<20)
+    func everyByteThatNeedsALookIsSeenAtAnyOffset(offset: Int) throws {
+        let before = String(repeating: "a", count: offset), after = String(repeating: "b", count: 19 - offset)
+        #expect(try decode(#"{"user":"\#(before)\"\#(after)"}"#).user == before + "\"" + after)
+        #expect(try decode(#"{"user":"\#(before)é\#(after)"}"#).user == before + "é" + after)
+        #expect(try decode("{\"user\":\"\(before)\u{7F} ~\(after)\"}").user == before + "\u{7F} ~" + after)
+        #expect(try decode(#"{"user":"u\#(before)","x":"\#(after)"}"#).user == "u" + before)
+        func body(_ byte: UInt8) -> [UInt8] { Array(#"{"user":""#.utf8) + Array(before.utf8) + [byte] + Array(after.utf8) + Array(#""}"#.utf8) }
+        #expect(rejection(body(0x1F))?.problems == ["JSON: control character in a string at byte \(9 + offset)"])
+        #expect(rejection(body(0x00))?.problems == ["JSON: control character in a string at byte \(9 + offset)"])
+        #expect(rejection(body(0xFF))?.problems == ["user: not valid UTF-8"])
+    }
 }
 
 @Suite struct Rejections {

@@ -50,7 +50,7 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
     let store = try ledger(directory, metrics)
     try store.restore(into: metrics, requestIDs: nil, now: now)
     var batch = LedgerBatch()
-    batch.add(metrics.count(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: now)
+    batch.add(metrics.countReturningSeries(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: now)
     try store.commit(batch, now: now)
     store.close()
     return directory
@@ -68,7 +68,7 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
         for (user, times) in [("alice", 3), ("bob", 1), ("k\u{212A}", 2)] {
             for _ in 0..<times {
                 let callback = Callback(user: user, groups: "premium", path: "/v1/completions")
-                batch.add(first.count(callback), amounts: callback.amounts, at: now)
+                batch.add(first.countReturningSeries(callback), amounts: callback.amounts, at: now)
                 batch.add(.accepted, at: now)
             }
         }
@@ -108,7 +108,7 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
         let metrics = UsageMetrics()
         let store = try ledger(directory, metrics, retentionDays: 2)
         try store.restore(into: metrics, requestIDs: nil, now: now)
-        let series = metrics.count(Callback(user: "a", groups: "g", path: "/p"))
+        let series = metrics.countReturningSeries(Callback(user: "a", groups: "g", path: "/p"))
         for day in [5, 2, 1, 0] {
             var batch = LedgerBatch()
             batch.add(series, amounts: [], at: now - Int64(day) * 86_400)
@@ -135,8 +135,8 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
         let store = try ledger(directory, metrics)
         try store.restore(into: metrics, requestIDs: nil, now: lastSecond)
         var batch = LedgerBatch()
-        batch.add(metrics.count(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: lastSecond)
-        batch.add(metrics.count(Callback(user: "b", groups: "g", path: "/p")), amounts: [], at: lastSecond + 1)
+        batch.add(metrics.countReturningSeries(Callback(user: "a", groups: "g", path: "/p")), amounts: [], at: lastSecond)
+        batch.add(metrics.countReturningSeries(Callback(user: "b", groups: "g", path: "/p")), amounts: [], at: lastSecond + 1)
         try store.commit(batch, now: lastSecond + 1)
         store.close()
         #expect(directory.sql("SELECT json_extract(labels, '$.user'), hour FROM usage_hourly JOIN series ON series.id = series_id WHERE metric_id = 1 ORDER BY 1")
