@@ -79,14 +79,14 @@ let package = Package(
             dependencies: ["UsageTrackingCore"],
             path: "Tests/Benchmarks/CoreBenchmark"
         ),
-        .testTarget(name: "UsageTrackingCoreTests", dependencies: ["UsageTrackingCore"]),
-        // Shared by the test targets: reading raw HTTP replies.
-        .target(name: "HTTPTestSupport", path: "Tests/HTTPTestSupport"),
+        .testTarget(name: "UsageTrackingCoreTests", dependencies: ["UsageTrackingCore", "TestSupport"]),
+        // Shared by the test targets: reading raw HTTP replies, seeded random numbers.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(
             name: "UsageTrackingServerTests",
             dependencies: [
                 "UsageTrackingServer",
-                "HTTPTestSupport",
+                "TestSupport",
                 "EnvoyExternalProcessing",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -98,6 +98,6 @@ let package = Package(
             ]
         ),
         // Starts the built binary and a real Prometheus; needs `usage-tracking` built first.
-        .testTarget(name: "EndToEndTests", dependencies: ["usage-tracking", "HTTPTestSupport"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["usage-tracking", "TestSupport"]),
     ]
 )

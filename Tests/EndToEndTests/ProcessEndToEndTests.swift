@@ -1,5 +1,5 @@
 import Foundation
-import HTTPTestSupport
+import TestSupport
 import Testing
 
 /// The binary as an operator runs it: flags, environment, signals, secret rotation, logs.

@@ -1,5 +1,5 @@
 import Foundation
-import HTTPTestSupport
+import TestSupport
 
 /// HTTP/1.1 over a plain loopback socket, so tests control every byte sent and see every byte
 /// received.

@@ -2,7 +2,7 @@ import Logging
 import NIOCore
 import NIOEmbedded
 import Synchronization
-import HTTPTestSupport
+import TestSupport
 import UsageTrackingCore
 
 @testable import UsageTrackingServer

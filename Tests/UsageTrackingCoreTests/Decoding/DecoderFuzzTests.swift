@@ -1,21 +1,12 @@
 import Foundation
 import Testing
+import TestSupport
 
 @testable import UsageTrackingCore
 
 /// Differential fuzzing: for bodies made by mutating valid callbacks, the scanner must agree with
 /// Foundation's JSON parser on what is well-formed, and on the decoded `user` when it is.
 @Suite struct DecoderFuzzTests {
-    struct Generator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            self.state &+= 0x9E37_79B9_7F4A_7C15
-            var z = self.state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
 
     static let seeds: [String] = [
         #"{"groups":"premium","host":"localhost:8000","method":"POST","path":"/v1/completions","user":"premiumuser1"}"#,
@@ -25,7 +16,7 @@ import Testing
     static let alphabet = Array(#"{}[]":,\/"0123456789.eE+-tfnrulasbu ûé"#.utf8) + [0x00, 0x1F, 0x7F, 0xC3, 0xFF]
 
     @Test func scannerAgreesWithFoundation() throws {
-        var random = Generator(state: 42)
+        var random = SeededGenerator(seed: 42)
         var checked = 0
         for _ in 0..<20_000 {
             var body = Array(Self.seeds.randomElement(using: &random)!.utf8)
