@@ -183,7 +183,7 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
                 // curl and others wait (about a second) for this before sending a body. Sent only
                 // when no earlier reply is still owed, so replies stay in order.
                 // HTTP/1.0 clients know no interim replies (RFC 9110 10.1.1).
-                if head.version == .http1_1, self.queue.isEmpty, !self.queue.producing, head.first(name: "expect")?.lowercased() == "100-continue" {
+                if head.expectsContinue, head.version == .http1_1, self.queue.isEmpty, !self.queue.producing {
                     context.write(self.wrapOutboundOut(HTTPResponse.continueBytes), promise: nil)
                 }
             }

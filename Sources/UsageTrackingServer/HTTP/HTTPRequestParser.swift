@@ -193,7 +193,7 @@ struct HTTPRequestParser {
     private static func headEnd(_ bytes: UnsafeRawBufferPointer, from scanned: Int, limit: Int) throws(Failure) -> Int? {
         var position = scanned
         let end = min(bytes.count, limit + 2)
-        while position < end, let lineFeed = bytes[position..<end].firstIndex(of: 0x0A) {
+        while position < end, let lineFeed = Self.lineFeed(in: bytes, from: position, to: end) {
             guard lineFeed > 0, bytes[lineFeed - 1] == 0x0D else { throw Self.bareLineFeed }
             // CR LF right after the previous line's LF: the blank line.
             if lineFeed >= 2, bytes[lineFeed - 2] == 0x0A { return lineFeed + 1 }
@@ -215,7 +215,12 @@ struct HTTPRequestParser {
         }
         var head = try Self.requestLine(bytes, line())
         // Sized once: every line but the request line and the blank one is a field.
-        let lines = bytes.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
+        var lines = 0
+        var next = 0
+        while let lineFeed = Self.lineFeed(in: bytes, from: next, to: bytes.count) {
+            lines += 1
+            next = lineFeed + 1
+        }
         guard lines - 2 <= Self.maxFields else {
             throw Failure(status: .requestHeaderFieldsTooLarge, problem: "request head has more than \(Self.maxFields) header fields")
         }
@@ -253,6 +258,8 @@ struct HTTPRequestParser {
                 }
             } else if Self.equalsIgnoringCase(name, "upgrade") {
                 head.upgrades = true
+            } else if Self.equalsIgnoringCase(name, "expect") {
+                head.expectsContinue = Self.equalsIgnoringCase(value, "100-continue")
             } else if Self.equalsIgnoringCase(name, "host") {
                 hosts += 1
             }
@@ -278,7 +285,7 @@ struct HTTPRequestParser {
         let method = UnsafeRawBufferPointer(rebasing: bytes[line.lowerBound..<firstSpace])
         let target = (firstSpace + 1)..<lastSpace
         let version = UnsafeRawBufferPointer(rebasing: bytes[(lastSpace + 1)..<line.upperBound])
-        guard !method.isEmpty, method.allSatisfy(Self.isTokenByte) else {
+        guard !method.isEmpty, Self.areTokenBytes(method) else {
             throw Failure(status: .badRequest, problem: "the method is not a token")
         }
         guard bytes[target].allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "#") }) else {
@@ -319,7 +326,7 @@ struct HTTPRequestParser {
         guard let colon = bytes[line].firstIndex(of: UInt8(ascii: ":")), colon > line.lowerBound else {
             throw Failure(status: .badRequest, problem: "a header line is not NAME: VALUE")
         }
-        guard bytes[line.lowerBound..<colon].allSatisfy(Self.isTokenByte) else {
+        guard Self.areTokenBytes(UnsafeRawBufferPointer(rebasing: bytes[line.lowerBound..<colon])) else {
             throw Failure(status: .badRequest, problem: "a header name holds a character not allowed in a token")
         }
         var start = colon + 1
@@ -346,7 +353,7 @@ struct HTTPRequestParser {
     /// at most `limit` bytes before its CRLF.
     private mutating func readLine(scanned: Int, limit: Int, tooLong: @autoclosure () -> String) throws(Failure) -> Line {
         let limit = max(0, limit)
-        let found = self.buffer.withUnsafeReadableBytes { bytes in bytes[min(scanned, bytes.count)..<min(bytes.count, limit + 2)].firstIndex(of: 0x0A) }
+        let found = self.buffer.withUnsafeReadableBytes { bytes in Self.lineFeed(in: bytes, from: scanned, to: min(bytes.count, limit + 2)) }
         guard let lineFeed = found else {
             if self.buffer.readableBytes > limit + 1 { throw Failure(status: .badRequest, problem: tooLong()) }
             return .incomplete(scanned: self.buffer.readableBytes)
@@ -419,6 +426,19 @@ struct HTTPRequestParser {
             true
         default: false
         }
+    }
+
+    /// `isTokenByte` as a table: every field name goes through it, byte by byte.
+    private static let tokenBytes: [Bool] = (0...255).map { Self.isTokenByte(UInt8($0)) }
+
+    private static func areTokenBytes(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        Self.tokenBytes.withUnsafeBufferPointer { table in bytes.allSatisfy { table[Int($0)] } }
+    }
+
+    /// The first line feed in `bytes[from..<to]` (memchr: a head's lines are searched as they arrive).
+    private static func lineFeed(in bytes: UnsafeRawBufferPointer, from: Int, to: Int) -> Int? {
+        guard from < to, let found = memchr(bytes.baseAddress! + from, 0x0A, to - from) else { return nil }
+        return UnsafeRawPointer(found) - bytes.baseAddress!
     }
 
     private static func isDigit(_ byte: UInt8) -> Bool { byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9") }

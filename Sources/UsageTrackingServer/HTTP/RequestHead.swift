@@ -30,6 +30,8 @@ struct RequestHead {
     var isKeepAlive = true
     /// The request asks to switch protocols: it is answered, then the connection closes.
     var upgrades = false
+    /// `Expect: 100-continue`: the client waits for an interim reply before it sends the body.
+    var expectsContinue = false
 
     init(method: HTTPMethod, version: HTTPVersion, target: Range<Int>) {
         self.method = method
