@@ -6,6 +6,14 @@ public enum ClientText {
     public static let echoedBytes = 64
 }
 
+extension String {
+    /// At most `maxBytes` of UTF-8, cut at a scalar boundary and marked with "…" when cut. A
+    /// string within the bound (a request id, on every callback that has one) is returned as it is.
+    public func truncated(toUTF8Bytes maxBytes: Int) -> String {
+        self.utf8.count > maxBytes ? self[...].truncated(toUTF8Bytes: maxBytes) : self
+    }
+}
+
 extension StringProtocol {
     /// At most `maxBytes` of UTF-8, cut at a scalar boundary and marked with "…" when cut.
     public func truncated(toUTF8Bytes maxBytes: Int) -> String {
