@@ -93,13 +93,18 @@ struct ParsedStream: Equatable {
         #expect(try parser.next() == nil)
     }
 
-    @Test func valuesAreTrimmedAndListsGathered() throws {
+    struct NoHead: Error {}
+
+    /// The head of the first request in `text`.
+    static func head(_ text: String) throws -> RequestHead {
         var parser = HTTPRequestParser(maxHeadBytes: 16384)
-        parser.append(ByteBuffer(string: "GET /metrics HTTP/1.1\r\nHost: h\r\nAccept-Encoding: \t br , gzip;q=1 \r\nX-Empty:\r\naccept-encoding: ,deflate\r\n\r\n"))
-        guard case .head(let head)? = try parser.next() else {
-            Issue.record("no head")
-            return
-        }
+        parser.append(ByteBuffer(string: text))
+        guard case .head(let head)? = try parser.next() else { throw NoHead() }
+        return head
+    }
+
+    @Test func valuesAreTrimmedAndListsGathered() throws {
+        let head = try Self.head("GET /metrics HTTP/1.1\r\nHost: h\r\nAccept-Encoding: \t br , gzip;q=1 \r\nX-Empty:\r\naccept-encoding: ,deflate\r\n\r\n")
         #expect(head.first(name: "accept-encoding") == "br , gzip;q=1")
         #expect(head.listItems(name: "Accept-Encoding") == ["br", "gzip;q=1", "deflate"])
         #expect(head.first(name: "x-empty") == "")
@@ -135,14 +140,11 @@ struct ParsedStream: Equatable {
         #expect(String(decoding: stream.requests[0].body, as: UTF8.self) == #"{"user":"chunk"}"#)
     }
 
-    @Test func upgradeIsReported() throws {
-        var parser = HTTPRequestParser(maxHeadBytes: 16384)
-        parser.append(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"))
-        guard case .head(let head)? = try parser.next() else {
-            Issue.record("no head")
-            return
-        }
-        #expect(head.upgrades)
+    @Test func upgradeAndExpectAreNoted() throws {
+        #expect(try Self.head("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrades)
+        #expect(try Self.head("POST /track HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\n\r\n").expectsContinue)
+        #expect(try !Self.head("POST /track HTTP/1.1\r\nHost: h\r\nExpect: something-else\r\n\r\n").expectsContinue)
+        #expect(try !Self.head(Self.callback).upgrades)
     }
 
     @Test func absoluteFormTargetsRoute() {
