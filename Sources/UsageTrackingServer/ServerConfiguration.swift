@@ -11,7 +11,7 @@ public struct ServerConfiguration: Sendable {
     public var maxBodyBytes = 64 * 1024
     /// Longest accepted field value (user, groups, path, method, host) in UTF-8 bytes.
     public var maxLabelBytes = 256
-    /// Largest request head (all header names and values together).
+    /// Largest request head: the request line and every header line, their line ends included.
     public var maxHeaderBytes = 16 * 1024
     /// A connection with no bytes arriving for this long is closed.
     public var idleTimeout: TimeAmount = .seconds(60)

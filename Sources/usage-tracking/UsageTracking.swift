@@ -44,7 +44,7 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Longest accepted user, groups, path, method or host value in bytes, 1 to 65536. (env: USAGE_TRACKING_MAX_LABEL_BYTES; default: 256)")
     var maxLabelBytes: Int?
 
-    @Option(parsing: .unconditional, help: "Largest request head (all headers) in bytes, 1024 to 1048576. (env: USAGE_TRACKING_MAX_HEADER_BYTES; default: 16384)")
+    @Option(parsing: .unconditional, help: "Largest request head (request line and headers) in bytes, 1024 to 1048576. (env: USAGE_TRACKING_MAX_HEADER_BYTES; default: 16384)")
     var maxHeaderBytes: Int?
 
     @Option(parsing: .unconditional, help: "Seconds a connection may stay silent before it is closed, 1 to 3600. (env: USAGE_TRACKING_IDLE_TIMEOUT; default: 60)")

@@ -42,8 +42,8 @@ public struct Callback: Sendable, Equatable {
         return range.count == self.labels.count ? self.labels : Array(self.labels[range])
     }
 
-    /// Label values per family, in the schema's order.
-    public var series: [LabelValues] {
+    /// Label values per family, in the schema's order: how tests read a callback.
+    var series: [LabelValues] {
         self.families.indices.map { self.labels(ofFamily: $0) }
     }
 

@@ -75,12 +75,13 @@ enum TrackEndpoint {
         case .success(let decoded): callback = decoded
         case .failure(let rejection): return .rejected(rejection)
         }
-        if let writer = state.ledgerWriter, !writer.isOpen {
-            return .rejected(CallbackRejection(.unavailable, ["the usage ledger is not reachable yet (see the service's log); this callback was not counted"]))
-        }
         let digest = Self.requestIDDigest(head, state: state)
-        if let writer = state.ledgerWriter, writer.mode == .always {
-            return .committing(writer.commit(callback, digest: digest, on: eventLoop), callback)
+        let writer = state.ledgerWriter
+        if let writer {
+            guard writer.isOpen else {
+                return .rejected(CallbackRejection(.unavailable, ["the usage ledger is not reachable yet (see the service's log); this callback was not counted"]))
+            }
+            if writer.mode == .always { return .committing(writer.commit(callback, digest: digest, on: eventLoop), callback) }
         }
         let now = LedgerWriter.now()
         if let digest, let window = state.metrics.requestIDs, !window.claim(digest, at: now) {
@@ -88,14 +89,13 @@ enum TrackEndpoint {
             Self.noteDuplicate(head, sender: sender, state: state)
             return .accepted
         }
-        if let writer = state.ledgerWriter {
-            let series = state.metrics.countReturningSeries(callback)
-            state.metrics.record(.accepted)
-            writer.record(series, amounts: callback.amounts, digest: digest, at: now)
+        // Only a ledger needs the series counted (collecting them costs an allocation).
+        if let writer {
+            writer.record(state.metrics.countReturningSeries(callback), amounts: callback.amounts, digest: digest, at: now)
         } else {
             state.metrics.count(callback)
-            state.metrics.record(.accepted)
         }
+        state.metrics.record(.accepted)
         Self.noteAccepted(callback, head, sender: sender, state: state)
         return .accepted
     }

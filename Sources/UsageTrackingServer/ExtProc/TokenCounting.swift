@@ -61,8 +61,11 @@ enum TokenCounting {
         if let digest, let window = state.metrics.requestIDs, !window.claim(digest, at: now) {
             return eventLoop.makeSucceededFuture(.duplicate)
         }
-        let series = callbacks.map { state.metrics.countReturningSeries($0) }
-        state.ledgerWriter?.record(tokens: series, amounts: callbacks.map(\.amounts), digest: digest, at: now)
+        if let writer = state.ledgerWriter {
+            writer.record(tokens: callbacks.map { state.metrics.countReturningSeries($0) }, amounts: callbacks.map(\.amounts), digest: digest, at: now)
+        } else {
+            for callback in callbacks { state.metrics.count(callback) }
+        }
         return eventLoop.makeSucceededFuture(done)
     }
 

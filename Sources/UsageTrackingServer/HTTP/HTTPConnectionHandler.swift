@@ -71,7 +71,7 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
             return
         }
         self.quiescing = true
-        if self.receiving == nil {
+        if self.receiving == nil, self.parser.unparsedBytes == 0 {
             self.queue.inputDone = true
             if !self.queue.producing, self.queue.isEmpty { context.close(promise: nil) }
         }
@@ -170,8 +170,9 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
             let now = context.eventLoop.now
             self.timer.touch(now)
             var request = ReceivedRequest(head: head, route: head.route, startNanoseconds: now.uptimeNanoseconds)
-            // Nothing after a request that asks to switch protocols is read: answer it and close.
-            if head.upgrades { request.closeAfter = true }
+            // Nothing after a request that asks to switch protocols, or to close, is read: answer
+            // it and close.
+            if head.upgrades || !head.isKeepAlive { request.closeAfter = true }
             if Router.takesBody(request.route) {
                 request.rejection = Router.refusal(head, route: request.route, state: self.state)
                 if request.rejection != nil {
@@ -217,7 +218,8 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     /// ahead of it, or queue it.
     private func received(context: ChannelHandlerContext, _ request: ReceivedRequest) {
         self.receiving = nil
-        if request.closeAfter || self.quiescing { self.queue.inputDone = true }
+        // Once stopping, what has arrived is still answered: input ends after the last of it.
+        if request.closeAfter || (self.quiescing && self.parser.unparsedBytes == 0) { self.queue.inputDone = true }
         if self.queue.isClear {
             self.answer(context: context, request)
         } else {
@@ -293,9 +295,9 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     /// drain included) the connection closes after the last request it has received in full, so
     /// a keep-alive caller moves to another replica and nothing it sent is cut off.
     private func closesAfter(_ request: ReceivedRequest) -> Bool {
-        if request.closeAfter || !request.head.isKeepAlive { return true }
+        if request.closeAfter { return true }
         guard self.quiescing || self.state.stopping.load(ordering: .relaxed) else { return false }
-        return self.queue.isEmpty && self.receiving == nil
+        return self.queue.isEmpty && self.receiving == nil && self.parser.unparsedBytes == 0
     }
 
     private func complete(context: ChannelHandlerContext, _ request: ReceivedRequest, reply: HTTPResponse) {
@@ -348,7 +350,13 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     /// A request that cannot be parsed gets one plain reply, after the replies still owed, and
     /// the connection is closed, since nothing after it on the stream can be trusted.
     private func refuse(context: ChannelHandlerContext, _ failure: HTTPRequestParser.Failure) {
-        let summary = failure.status == .requestHeaderFieldsTooLarge ? "request header too large" : "malformed HTTP request"
+        let summary =
+            switch failure.status {
+            case .requestHeaderFieldsTooLarge: "request header too large"
+            case .notImplemented: "not implemented"
+            case .httpVersionNotSupported: "HTTP version not supported"
+            default: "malformed HTTP request"
+            }
         self.state.logger.info("bad HTTP request", metadata: ["status": "\(failure.status.code)", "problem": "\(failure.problem)"])
         let now = context.eventLoop.now.uptimeNanoseconds
         let reply = HTTPResponse.error(failure.status, summary, [failure.problem])

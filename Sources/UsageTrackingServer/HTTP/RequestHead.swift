@@ -64,16 +64,12 @@ struct RequestHead {
         self.withFirst(name: name) { String(decoding: $0, as: UTF8.self) }
     }
 
-    func contains(name: String) -> Bool {
-        self.withFirst(name: name) { _ in true } ?? false
-    }
-
     /// `body` with the bytes of the first field called `name`; nil without one.
     func withFirst<Result>(name: String, _ body: (UnsafeRawBufferPointer) -> Result) -> Result? {
         var name = name
         return name.withUTF8 { wanted in
             self.bytes.withUnsafeReadableBytes { bytes in
-                for field in self.fields where Self.sameName(UnsafeRawBufferPointer(rebasing: bytes[field.name]), wanted) {
+                for field in self.fields where HTTPRequestParser.equalsIgnoringCase(UnsafeRawBufferPointer(rebasing: bytes[field.name]), UnsafeRawBufferPointer(wanted)) {
                     return body(UnsafeRawBufferPointer(rebasing: bytes[field.value]))
                 }
                 return nil
@@ -88,22 +84,12 @@ struct RequestHead {
         return name.withUTF8 { wanted in
             self.bytes.withUnsafeReadableBytes { bytes in
                 var items: [String] = []
-                for field in self.fields where Self.sameName(UnsafeRawBufferPointer(rebasing: bytes[field.name]), wanted) {
+                for field in self.fields where HTTPRequestParser.equalsIgnoringCase(UnsafeRawBufferPointer(rebasing: bytes[field.name]), UnsafeRawBufferPointer(wanted)) {
                     let value = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[field.value]), as: UTF8.self)
                     items += value.split(separator: ",").map { $0.trimmingASCIISpaces() }.filter { !$0.isEmpty }
                 }
                 return items
             }
         }
-    }
-
-    /// Field names compare in any letter case (ASCII letters only are folded).
-    private static func sameName(_ given: UnsafeRawBufferPointer, _ wanted: UnsafeBufferPointer<UInt8>) -> Bool {
-        guard given.count == wanted.count else { return false }
-        for index in 0..<given.count where given[index] != wanted[index] {
-            let a = given[index], b = wanted[index]
-            guard a | 0x20 == b | 0x20, a | 0x20 >= UInt8(ascii: "a"), a | 0x20 <= UInt8(ascii: "z") else { return false }
-        }
-        return true
     }
 }

@@ -2,11 +2,6 @@
 enum Route: Int {
     case track, metrics, healthz, readyz, debug, status, usage, other
 
-    init(uri: String) {
-        var uri = uri
-        self = uri.withUTF8 { Route(target: UnsafeRawBufferPointer($0)) }
-    }
-
     /// The route of a request target's bytes. The usual target, a bare path, is matched as it
     /// is: no `String` is made on a callback's path.
     init(target: UnsafeRawBufferPointer) {

@@ -64,10 +64,10 @@ import UsageTrackingCore
     /// A request the parser refuses is answered after the replies owed before it, with the
     /// parser's status and problem, and nothing after it is read.
     @Test(arguments: [
-        ("GET / HTTP/2.0\r\n\r\n", 505, #"{"error":"malformed HTTP request","problems":["HTTP/2.0 is not supported; send HTTP/1.1"]}"#),
+        ("GET / HTTP/2.0\r\n\r\n", 505, #"{"error":"HTTP version not supported","problems":["HTTP/2.0 is not supported; send HTTP/1.1"]}"#),
         (
             "POST /track HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
-            #"{"error":"malformed HTTP request","problems":["Transfer-Encoding other than chunked is not supported; send chunked or a Content-Length"]}"#
+            #"{"error":"not implemented","problems":["Transfer-Encoding other than chunked is not supported; send chunked or a Content-Length"]}"#
         ),
         (
             "POST /track HTTP/1.1\r\nHost: t\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\r\n", 400,

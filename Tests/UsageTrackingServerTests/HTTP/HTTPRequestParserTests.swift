@@ -60,6 +60,14 @@ struct ParsedStream: Equatable {
     }
 }
 
+extension Route {
+    /// The route of a request target given as text.
+    init(uri: String) {
+        var uri = uri
+        self = uri.withUTF8 { Route(target: UnsafeRawBufferPointer($0)) }
+    }
+}
+
 @Suite struct HTTPRequestParserTests {
     static let callback = "POST /track HTTP/1.1\r\nHost: usage-tracking:8080\r\nContent-Type: application/json\r\nX-Request-ID: 5f0c7c1e\r\nContent-Length: 12\r\n\r\n{\"user\":\"a\"}"
 
@@ -80,7 +88,7 @@ struct ParsedStream: Equatable {
         #expect(head.first(name: "content-type") == "application/json")
         #expect(head.first(name: "X-REQUEST-ID") == "5f0c7c1e", "names compare in any letter case")
         #expect(head.first(name: "x-request-i") == nil)
-        #expect(head.contains(name: "host") && !head.contains(name: "expect"))
+        #expect(head.first(name: "host") != nil && head.first(name: "expect") == nil)
         guard case .body(let body)? = try parser.next() else {
             Issue.record("no body")
             return
@@ -293,7 +301,7 @@ struct ParsedStream: Equatable {
             if case .head(let head) = part { heads.append(head) }
         }
         #expect(heads.map(\.fields.count) == [256, 1])
-        #expect(heads[1].fields.capacity < 8)
+        #expect(heads[1].fields.capacity <= 8)
     }
 
     /// Reads that each end inside a request do not pile up: the parser keeps only what is not
@@ -330,11 +338,12 @@ struct ParsedStream: Equatable {
 /// Random requests (methods, targets, field names in any case, spaces around values, bodies by
 /// length or in chunks) and random single-byte mutations of them, from a fixed seed.
 @Suite struct HTTPRequestParserAgreementTests {
-    /// The requests NIO's decoder reads whole from the same bytes, up to any error.
-    static func nio(_ bytes: [UInt8]) -> [ParsedStream.Request] {
+    /// The requests NIO's decoder reads whole from the same bytes, up to any error, and whether
+    /// it refused the stream (rather than wait for more of it).
+    static func nio(_ bytes: [UInt8]) -> (requests: [ParsedStream.Request], refused: Bool) {
         let channel = EmbeddedChannel(handler: ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)))
         defer { _ = try? channel.finish() }
-        _ = try? channel.writeInbound(ByteBuffer(bytes: bytes))
+        let refused = (try? channel.writeInbound(ByteBuffer(bytes: bytes))) == nil
         var requests: [ParsedStream.Request] = []
         var open: ParsedStream.Request?
         while let part = try? channel.readInbound(as: HTTPServerRequestPart.self) {
@@ -350,21 +359,22 @@ struct ParsedStream: Equatable {
             case .end: requests.append(open!)
             }
         }
-        return requests
+        return (requests, refused)
     }
 
     /// Ours read as NIO reads them, up to the first request after which either closes the
     /// connection (nothing after it is read). With `whole`, NIO must read every one of them;
-    /// without, only those NIO reads before it refuses the stream are compared (llhttp refuses
-    /// some things RFC 9112 allows, such as a tab after a Content-Length's digits). Whether a
-    /// request keeps the connection open is not compared: llhttp misses a `Connection` token
-    /// followed by spaces, which RFC 9110 says are not part of the value.
+    /// without, NIO may instead refuse the stream before it has read them all (llhttp refuses
+    /// some things RFC 9112 allows, such as a tab after a Content-Length's digits), but never
+    /// wait for more bytes of a request ours has read whole. Whether a request keeps the
+    /// connection open is not compared: llhttp misses a `Connection` token followed by spaces,
+    /// which RFC 9110 says are not part of the value.
     static func agree(_ ours: [ParsedStream.Request], _ bytes: [UInt8], whole: Bool) -> Bool {
-        let theirs = Self.nio(bytes)
+        let (theirs, refused) = Self.nio(bytes)
         let lastOurs = ours.firstIndex { !$0.keepAlive } ?? (ours.count - 1)
         let lastTheirs = theirs.firstIndex { !$0.keepAlive } ?? Int.max
         let compared = min(lastOurs, lastTheirs) + 1
-        if whole, theirs.count < compared { return false }
+        if theirs.count < compared, whole || !refused { return false }
         return zip(ours.prefix(compared), theirs).allSatisfy { a, b in
             a.method == b.method && a.uri == b.uri && a.version == b.version && a.fields == b.fields && a.body == b.body
         }

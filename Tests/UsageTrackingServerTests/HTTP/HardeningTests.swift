@@ -114,6 +114,34 @@ extension PipelineHarness {
         #expect(reads.reads == 1, "reading resumes once every request is answered")
     }
 
+    /// Requests past the cap still count as received: shutdown answers every one of them, and
+    /// closes after the last.
+    @Test func quiescingAnswersEveryRequestReceivedPastTheCap() throws {
+        let work = HeldWork()
+        let harness = try PipelineHarness(runOffLoop: work.runner())
+        #expect(try harness.send(PipelineHarness.get("/metrics") + String(repeating: PipelineHarness.get("/healthz"), count: 100)).isEmpty)
+        harness.channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        work.release()
+        let responses = try harness.responses()
+        #expect(responses.map(\.status) == Array(repeating: 200, count: 101))
+        #expect(responses.map { $0.header("connection") } == Array(repeating: nil, count: 100) + ["close"])
+        #expect(!harness.channel.isActive)
+    }
+
+    /// Nothing after a request that closes the connection is parsed, let alone held, even while
+    /// that request waits its turn.
+    @Test func nothingAfterARequestThatClosesIsParsed() throws {
+        let work = HeldWork()
+        let harness = try PipelineHarness(runOffLoop: work.runner())
+        let rest = PipelineHarness.post(#"{"user":"after"}"#)
+        #expect(try harness.send(PipelineHarness.get("/metrics") + PipelineHarness.get("/healthz", headers: ["Connection: close"]) + rest).isEmpty)
+        #expect(try harness.handler.waitingRequests == 1)
+        #expect(try harness.handler.unparsedBytes == rest.utf8.count)
+        work.release()
+        #expect(try harness.responses().map(\.status) == [200, 200])
+        #expect(harness.state.metrics.requests.value(["after", "", ""]) == 0)
+    }
+
     /// A chunked body behind a render is held only up to the limit, then refused in its turn.
     @Test func bodyLimitHoldsWhileRequestsWait() throws {
         let work = HeldWork()
