@@ -689,7 +689,7 @@ def journal_records(path):
     with open(path, "rb") as f:
         data = f.read()
     records, offset = [], 0
-    while data[offset:offset + 4] == b"\xff\xfe\x4a\x31":
+    while data[offset:offset + 4] == b"\xff\xfe\x4a\x32":
         length = struct.unpack("<I", data[offset + 4:offset + 8])[0]
         records.append((offset, 24 + length))
         offset += (24 + length + 511) // 512 * 512  # each record starts on a 512-byte boundary
@@ -742,7 +742,9 @@ def test_a_damaged_journal_record_is_refused_and_left_as_it_was(tmp_path):
     offset, length = records[1]
     with open(journal, "r+b") as f:
         f.seek(offset + length - 3)
-        f.write(b"\x00")
+        byte = f.read(1)[0]
+        f.seek(offset + length - 3)
+        f.write(bytes([byte ^ 0xFF]))  # a bit flipped in the payload's last bytes
     os.remove(os.path.join(directory, "usage.lock"))
     before = ledger_files(directory)
     assert refused(directory) == (f"{FLAG}: {journal}: journal record 3 at byte {records[2][0]} is intact, but the record "
@@ -753,17 +755,17 @@ def test_a_damaged_journal_record_is_refused_and_left_as_it_was(tmp_path):
 def test_a_ledger_from_a_newer_version_is_refused_and_left_as_it_was(pristine_ledger, tmp_path):
     directory = copy_of(pristine_ledger, tmp_path)
     connection = sqlite3.connect(os.path.join(directory, "usage.sqlite"))
-    connection.execute("PRAGMA user_version = 2")
+    connection.execute("PRAGMA user_version = 3")
     connection.commit()
     connection.close()
     before = ledger_files(directory)
-    assert refused(directory) == (f"{FLAG}: {directory}/usage.sqlite: written by a newer version (schema 2; this build "
-                                  f"reads up to 1){REFUSAL}")
+    assert refused(directory) == (f"{FLAG}: {directory}/usage.sqlite: written by a newer version (schema 3; this build "
+                                  f"reads up to 2){REFUSAL}")
     assert ledger_files(directory) == before
 
 
 def test_a_newer_schema_still_in_the_wal_is_refused_and_left_as_it_was(pristine_ledger, tmp_path):
-    """A newer build migrated the ledger (schema 2, committed in the WAL) and was killed before any
+    """A newer build migrated the ledger (schema 3, committed in the WAL) and was killed before any
     checkpoint; the rollback to this build must refuse it as it refuses a checkpointed one."""
     directory = copy_of(pristine_ledger, tmp_path)
     service = Service("--state-dir", directory)
@@ -776,14 +778,14 @@ def test_a_newer_schema_still_in_the_wal_is_refused_and_left_as_it_was(pristine_
         connection.execute("PRAGMA wal_autocheckpoint = 0")
         connection.execute("BEGIN IMMEDIATE")
         connection.execute("CREATE TABLE usage_daily (series_id INTEGER, day INTEGER, amount INTEGER)")
-        connection.execute("PRAGMA user_version = 2")
+        connection.execute("PRAGMA user_version = 3")
         connection.execute("COMMIT")
         os._exit(0)
         """], check=True, timeout=20)
     before = ledger_files(directory)
     assert "usage.sqlite-wal" in before
-    assert refused(directory) == (f"{FLAG}: {directory}/usage.sqlite: written by a newer version (schema 2; this build "
-                                  f"reads up to 1){REFUSAL}")
+    assert refused(directory) == (f"{FLAG}: {directory}/usage.sqlite: written by a newer version (schema 3; this build "
+                                  f"reads up to 2){REFUSAL}")
     assert {k: v for k, v in ledger_files(directory).items() if k != "usage.sqlite-shm"} == \
         {k: v for k, v in before.items() if k != "usage.sqlite-shm"}
 

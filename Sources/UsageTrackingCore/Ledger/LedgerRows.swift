@@ -1,7 +1,8 @@
 /// A settled batch as the rows the SQLite ledger writes: one JSON array per table, which SQLite
 /// unpacks itself (`json_each`), so a commit binds and steps a handful of statements whatever its
-/// size. The journal (`LedgerJournal`) keeps batches in this same form, so what it replays at
-/// startup goes through the statements every commit uses.
+/// size; the request ids, one per callback, go in packed as one value. The journal
+/// (`LedgerJournal`) keeps batches in this same form, so what it replays at startup goes through
+/// the statements every commit uses.
 struct LedgerRows: Equatable {
     /// Series without a row yet: `[id, metric id, labels as JSON object text, amount]`.
     var newSeries = JSONRows()
@@ -9,8 +10,7 @@ struct LedgerRows: Equatable {
     var additions = JSONRows()
     /// `[series id, hour, amount]`.
     var hours = JSONRows()
-    /// `[digest, seen]`.
-    var requestIDs = JSONRows()
+    var requestIDs = PackedRequestIDs()
     /// When the batch was committed (`ledger_state.last_commit`).
     var now: Int64
 
@@ -18,21 +18,25 @@ struct LedgerRows: Equatable {
         self.now = now
     }
 
-    /// Bytes for the journal: `now`, then each array with its length, little-endian.
+    /// Bytes for the journal: `now`, then each array and the packed request ids, each after its
+    /// length, little-endian.
     var encoded: [UInt8] {
         var bytes: [UInt8] = []
-        bytes.reserveCapacity(8 + 16 + self.newSeries.utf8Count + self.additions.utf8Count + self.hours.utf8Count + self.requestIDs.utf8Count)
+        bytes.reserveCapacity(8 + 16 + self.newSeries.utf8Count + self.additions.utf8Count + self.hours.utf8Count + self.requestIDs.bytes.count)
         bytes.appendLittleEndian(self.now)
-        for rows in [self.newSeries, self.additions, self.hours, self.requestIDs] {
+        for rows in [self.newSeries, self.additions, self.hours] {
             let text = rows.closed
             bytes.appendLittleEndian(UInt32(text.utf8.count))
             bytes += text.utf8
         }
+        bytes.appendLittleEndian(UInt32(self.requestIDs.bytes.count))
+        bytes += self.requestIDs.bytes
         return bytes
     }
 
-    /// The rows `encoded` gave; nil for bytes it cannot have written.
-    init?(encoded bytes: ArraySlice<UInt8>) {
+    /// The rows `encoded` gave; nil for bytes it cannot have written. `jsonRequestIDs`: the
+    /// request ids as JSON rows `[[digest,seen],…]`, as builds before the packed form wrote them.
+    init?(encoded bytes: ArraySlice<UInt8>, jsonRequestIDs: Bool = false) {
         var rest = bytes
         func take(_ count: Int) -> ArraySlice<UInt8>? {
             guard count >= 0, rest.count >= count else { return nil }
@@ -46,8 +50,12 @@ struct LedgerRows: Equatable {
             guard let count = integer(UInt32.self), let text = take(Int(count)), let rows = JSONRows(closed: text) else { return nil }
             return rows
         }
+        func requestIDs() -> PackedRequestIDs? {
+            guard let count = integer(UInt32.self), let bytes = take(Int(count)) else { return nil }
+            return jsonRequestIDs ? PackedRequestIDs(jsonRows: bytes) : PackedRequestIDs(bytes)
+        }
         guard let now = integer(Int64.self), let newSeries = rows(), let additions = rows(), let hours = rows(),
-            let requestIDs = rows(), rest.isEmpty
+            let requestIDs = requestIDs(), rest.isEmpty
         else { return nil }
         self.now = now
         (self.newSeries, self.additions, self.hours, self.requestIDs) = (newSeries, additions, hours, requestIDs)
@@ -88,7 +96,7 @@ struct LedgerRowsEncoder: Sendable {
         for (outcome, count) in outcomeTotals {
             add(count, to: self.outcomeSeries[outcome]!, metric: self.outcomesMetricID, labels: LabelsJSON.encode([outcome.rawValue], names: ["outcome"]))
         }
-        for (digest, seen) in batch.requestIDs { rows.requestIDs.append(Int64(bitPattern: digest), seen) }
+        for (digest, seen) in batch.requestIDs { rows.requestIDs.append(digest, seen: seen) }
         return (rows, new)
     }
 }
@@ -133,6 +141,79 @@ struct JSONRows: Equatable {
     }
 
     var closed: String { self.text + "]" }
+}
+
+/// Request ids as the ledger stores them: 16 bytes each, the digest then the time it was seen,
+/// little-endian, all of a commit's in one value. A row per id cost SQLite about ten times the
+/// CPU, once per callback (README, "The ledger's cost").
+struct PackedRequestIDs: Equatable {
+    static let entrySize = 16
+    private(set) var bytes: [UInt8] = []
+    /// The latest time among them, which decides when all of them have left the window.
+    private(set) var lastSeen: Int64 = .min
+
+    var isEmpty: Bool { self.bytes.isEmpty }
+    var count: Int { self.bytes.count / Self.entrySize }
+
+    init() {}
+
+    /// Ids as `bytes` holds them; nil unless whole entries.
+    init?(_ bytes: some Collection<UInt8>) {
+        guard bytes.count % Self.entrySize == 0 else { return nil }
+        self.bytes = Array(bytes)
+        self.forEach { _, seen in self.lastSeen = max(self.lastSeen, seen) }
+    }
+
+    /// Ids from JSON rows of two integers, `[[digest,seen],…]` (the journal's earlier form, which
+    /// wrote no spaces); nil for anything else.
+    init?(jsonRows bytes: ArraySlice<UInt8>) {
+        var rest = bytes
+        func skip(_ ascii: Unicode.Scalar) -> Bool {
+            guard rest.first == UInt8(ascii: ascii) else { return false }
+            rest.removeFirst()
+            return true
+        }
+        func integer() -> Int64? {
+            let negative = skip("-")
+            var value: Int64 = 0
+            var digits = 0
+            while let byte = rest.first, byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") {
+                let digit = Int64(byte - UInt8(ascii: "0"))
+                let (shifted, overflow) = value.multipliedReportingOverflow(by: 10)
+                let (next, carry) = negative ? shifted.subtractingReportingOverflow(digit) : shifted.addingReportingOverflow(digit)
+                guard !overflow, !carry else { return nil }
+                (value, digits) = (next, digits + 1)
+                rest.removeFirst()
+            }
+            return digits > 0 ? value : nil
+        }
+        guard skip("[") else { return nil }
+        if !skip("]") {
+            repeat {
+                guard skip("["), let digest = integer(), skip(","), let seen = integer(), skip("]") else { return nil }
+                self.append(UInt64(bitPattern: digest), seen: seen)
+            } while skip(",")
+            guard skip("]") else { return nil }
+        }
+        guard rest.isEmpty else { return nil }
+    }
+
+    mutating func append(_ digest: UInt64, seen: Int64) {
+        self.bytes.appendLittleEndian(digest)
+        self.bytes.appendLittleEndian(seen)
+        self.lastSeen = max(self.lastSeen, seen)
+    }
+
+    func forEach(_ body: (_ digest: UInt64, _ seen: Int64) -> Void) {
+        self.bytes.withUnsafeBytes { raw in
+            for offset in stride(from: 0, to: raw.count, by: Self.entrySize) {
+                body(
+                    UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: offset, as: UInt64.self)),
+                    Int64(littleEndian: raw.loadUnaligned(fromByteOffset: offset + 8, as: Int64.self))
+                )
+            }
+        }
+    }
 }
 
 /// The journal's byte order, for its records' headers and `LedgerRows.encoded`.

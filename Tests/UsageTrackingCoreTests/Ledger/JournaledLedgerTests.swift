@@ -61,6 +61,33 @@ private func users(_ metrics: UsageMetrics) -> [String: UInt64] {
         again.close()
     }
 
+    /// A record an earlier build left at a crash, its request ids as JSON rows under the earlier
+    /// magic, is replayed like one of this build's: its counts and its ids come back.
+    @Test func aRecordInTheEarlierFormIsReplayed() throws {
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics(requestIDs: RequestIDWindow(window: 600, maxIDs: 100))
+        let ledger = try journaled(directory, metrics)
+        _ = try ledger.restore(into: metrics, requestIDs: metrics.requestIDs, now: now)
+        var batch = LedgerBatch()
+        for (user, id) in [("olivia", UInt64.max), ("peggy", 5)] {
+            let callback = Callback(user: user, groups: "g", path: "/v1/completions")
+            batch.claim(id, isCallback: true, series: [metrics.resolve(callback)], amounts: [callback.amounts])
+        }
+        #expect(try ledger.commit(batch, now: now) == [])
+        let image = crashImage(of: directory)
+        ledger.close()
+        image.write(LedgerJournal.names[0], Self.inEarlierForm(image.bytes(LedgerJournal.names[0])!))
+
+        let window = RequestIDWindow(window: 600, maxIDs: 100)
+        let restored = UsageMetrics(requestIDs: window)
+        let again = try journaled(image, restored)
+        let counts = try again.restore(into: restored, requestIDs: window, now: now)
+        again.close()
+        #expect(users(restored) == ["olivia": 1, "peggy": 1])
+        #expect(counts.requestIDs == 2)
+        #expect([UInt64.max, 5, 6].map { window.claim($0, at: now) } == [false, false, true])
+    }
+
     /// `close` folds everything into the database and removes the journal's files.
     @Test func closeFoldsEverythingAndLeavesTheDatabaseAlone() throws {
         let directory = ScratchDirectory()
@@ -172,13 +199,13 @@ private func users(_ metrics: UsageMetrics) -> [String: UInt64] {
             _ = try ledger.commit(batch, now: now)
             #expect(LedgerJournal.names.allSatisfy { (directory.bytes($0)?.count ?? 0) == LedgerJournal.capacity })
         }
-        #expect(directory.sql("SELECT count(*) > 0 FROM request_id;") == "1\n")
+        #expect(directory.sql("SELECT sum(length(ids)) / 16 > 0 FROM request_id_block;") == "1\n")
         var oversized = LedgerBatch(maxRequestIDs: 1_000_000)
         for id in 0..<200_000 { oversized.add(requestID: UInt64(id + 1) << 40, seen: now) }
         _ = try ledger.commit(oversized, now: now)
-        #expect(directory.sql("SELECT count(*) >= 200000 FROM request_id;") == "1\n")
+        #expect(directory.sql("SELECT sum(length(ids)) / 16 >= 200000 FROM request_id_block;") == "1\n")
         ledger.close()
-        #expect(directory.sql("SELECT count(*) FROM request_id;") == "600000\n")
+        #expect(directory.sql("SELECT sum(length(ids)) / 16 FROM request_id_block;") == "600000\n")
     }
 
     // MARK: helpers
@@ -198,6 +225,32 @@ private func users(_ metrics: UsageMetrics) -> [String: UInt64] {
             offset = (offset + LedgerJournal.headerSize + length + LedgerJournal.alignment - 1) / LedgerJournal.alignment * LedgerJournal.alignment
         }
         return offsets
+    }
+
+    /// A file whose only record is rewritten as builds before the packed request ids wrote it:
+    /// the ids as JSON rows `[[digest,seen],…]` under the earlier magic, sealed again.
+    static func inEarlierForm(_ file: [UInt8]) -> [UInt8] {
+        func integer(_ bytes: [UInt8], _ offset: Int, _ size: Int) -> UInt64 {
+            bytes[offset..<(offset + size)].reversed().reduce(0) { $0 << 8 | UInt64($1) }
+        }
+        let length = Int(integer(file, 4, 4))
+        let payload = Array(file[LedgerJournal.headerSize..<(LedgerJournal.headerSize + length)])
+        var offset = 8
+        for _ in 0..<3 { offset += 4 + Int(integer(payload, offset, 4)) }
+        var rows: [String] = []
+        for entry in stride(from: offset + 4, to: payload.count, by: 16) {
+            rows.append("[\(Int64(bitPattern: integer(payload, entry, 8))),\(Int64(bitPattern: integer(payload, entry + 8, 8)))]")
+        }
+        let json = Array("[\(rows.joined(separator: ","))]".utf8)
+        var rewritten = Array(payload[..<offset])
+        withUnsafeBytes(of: UInt32(json.count).littleEndian) { rewritten += $0 }
+        rewritten += json
+        var record: [UInt8] = []
+        withUnsafeBytes(of: LedgerJournal.jsonRequestIDsMagic.littleEndian) { record += $0 }
+        withUnsafeBytes(of: UInt32(rewritten.count).littleEndian) { record += $0 }
+        record += file[8..<LedgerJournal.headerSize] + rewritten
+        record = Self.resealed(record)
+        return record + [UInt8](repeating: 0, count: file.count - record.count)
     }
 
     /// The file's first record with its checksum made right again for its header as it now is.

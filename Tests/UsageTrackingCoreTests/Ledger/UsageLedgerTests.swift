@@ -176,6 +176,77 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
         }
     }
 
+    /// Request ids are kept one block per commit; a block goes once its newest id has left the
+    /// window, and a restore brings back only the ids still inside it, oldest first.
+    @Test func requestIDBlocksLeaveWithTheirNewestID() throws {
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics(requestIDs: RequestIDWindow(window: 600, maxIDs: 100))
+        let store = try ledger(directory, metrics)
+        try store.restore(into: metrics, requestIDs: metrics.requestIDs, now: now)
+        // (commit time, [(id, time seen)]), as offsets from `now`.
+        let commits: [(Int64, [(UInt64, Int64)])] = [(0, [(1, 0), (2, 0)]), (150, [(3, 150)]), (700, [(4, 690), (5, 700), (6, 700)])]
+        for (time, ids) in commits {
+            var batch = LedgerBatch()
+            for (id, seen) in ids { batch.add(requestID: id, seen: now + seen) }
+            try store.commit(batch, now: now + time)
+        }
+        store.close()
+        // The commit at 700 deleted the first block (all ids older than 100) and kept the second.
+        #expect(directory.sql("SELECT last_seen - \(now), length(ids) FROM request_id_block ORDER BY rowid") == "150|16\n700|48\n")
+
+        let window = RequestIDWindow(window: 600, maxIDs: 100)
+        let reopened = UsageMetrics(requestIDs: window)
+        let restored = try ledger(directory, reopened).restore(into: reopened, requestIDs: window, now: now + 1290)
+        // At 1290 the window starts after 690: id 4 is out of it, though its block is read.
+        #expect(restored.requestIDs == 2)
+        #expect([3, 4, 5, 6].map { window.claim($0, at: now + 1290) } == [true, true, false, false])
+    }
+
+    /// A ledger of schema 1, as builds before the packed request ids left it (a row per id):
+    /// opened, its ids move into one block in the transaction that sets schema 2, the ones in the
+    /// window still catch repeats, and its counts are as they were.
+    @Test func aSchemaOneLedgerKeepsItsRequestIDs() throws {
+        let directory = ScratchDirectory()
+        _ = directory.sql("""
+            CREATE TABLE metric (id INTEGER PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL, UNIQUE (name, labels));
+            CREATE TABLE series (id INTEGER PRIMARY KEY, metric_id INTEGER NOT NULL REFERENCES metric (id), labels TEXT NOT NULL,
+                total INTEGER NOT NULL, UNIQUE (metric_id, labels));
+            CREATE TABLE usage_hourly (series_id INTEGER NOT NULL REFERENCES series (id), hour INTEGER NOT NULL, amount INTEGER NOT NULL,
+                PRIMARY KEY (series_id, hour)) WITHOUT ROWID;
+            CREATE INDEX usage_hourly_by_hour ON usage_hourly (hour);
+            CREATE TABLE request_id (seen INTEGER NOT NULL, digest INTEGER NOT NULL, PRIMARY KEY (seen, digest)) WITHOUT ROWID;
+            CREATE TABLE ledger_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            INSERT INTO ledger_state VALUES ('last_commit', \(now - 1));
+            INSERT INTO metric VALUES (1, 'llm_requests_total', json_array('user', 'groups', 'path'));
+            INSERT INTO series VALUES (1, 1, json_object('user', 'a', 'groups', 'g', 'path', '/p'), 5);
+            INSERT INTO usage_hourly VALUES (1, \(hour), 5);
+            INSERT INTO request_id VALUES (\(now - 700), 7), (\(now - 5), -8), (\(now - 1), 9);
+            PRAGMA user_version = 1;
+            """)
+        let window = RequestIDWindow(window: 600, maxIDs: 100)
+        let metrics = UsageMetrics(requestIDs: window)
+        let store = try ledger(directory, metrics)
+        let restored = try store.restore(into: metrics, requestIDs: window, now: now)
+        store.close()
+        #expect(restored.series == 1 && restored.requestIDs == 2)
+        #expect(metrics.requests.value(["a", "g", "/p"]) == 5)
+        #expect([7, UInt64(bitPattern: -8), 9].map { window.claim($0, at: now) } == [true, false, false])
+        #expect(directory.sql("PRAGMA user_version") == "2\n")
+        #expect(directory.sql("SELECT name FROM sqlite_schema WHERE name LIKE 'request_id%'") == "request_id_block\n")
+        #expect(directory.sql("SELECT last_seen - \(now), length(ids) FROM request_id_block") == "-1|48\n")
+        #expect(directory.sql("SELECT amount FROM usage_hourly") == "5\n")
+    }
+
+    /// A block whose length is not a whole number of ids cannot have been written here.
+    @Test func aTornRequestIDBlockIsRefused() throws {
+        let directory = try ledgerWithOneSeries()
+        _ = directory.sql("INSERT INTO request_id_block VALUES (\(now), zeroblob(15))")
+        let metrics = UsageMetrics(requestIDs: RequestIDWindow(window: 600, maxIDs: 100))
+        #expect(throws: LedgerError.damaged(directory.database, "request id block 1 is not a whole number of ids")) {
+            try ledger(directory, metrics).restore(into: metrics, requestIDs: metrics.requestIDs, now: now)
+        }
+    }
+
     // MARK: startup refusals
 
     private static func expectRefusal(_ directory: ScratchDirectory, _ expected: LedgerError) {
@@ -212,8 +283,8 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
         let directory = ScratchDirectory()
         let metrics = UsageMetrics()
         try ledger(directory, metrics).close()
-        _ = directory.sql("PRAGMA user_version = 2")
-        Self.expectRefusal(directory, .damaged(directory.database, "written by a newer version (schema 2; this build reads up to 1)"))
+        _ = directory.sql("PRAGMA user_version = 3")
+        Self.expectRefusal(directory, .damaged(directory.database, "written by a newer version (schema 3; this build reads up to 2)"))
         #expect(LedgerError.damaged(directory.database, "x").description.hasSuffix(
             "; refusing to start from zero. The files are left as they were: restore a backup, or move them aside to start a new ledger"))
     }

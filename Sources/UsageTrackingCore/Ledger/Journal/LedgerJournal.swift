@@ -12,7 +12,8 @@ import Glibc
 ///   data alone (about half the cost of a sync that also writes the inode).
 /// - Records, from the start of a file, each on a 512-byte boundary: magic, payload length,
 ///   sequence (one more than the record before it, across both files), CRC-32 of the length, the
-///   sequence and the payload, then the payload. An append that fails uses up its sequence, and
+///   sequence and the payload, then the payload. The magic names the payload's form: request ids
+///   packed (written), or as JSON rows (read, for records an earlier build left at a crash). An append that fails uses up its sequence, and
 ///   `JournaledLedger` has the database record it as held before appending again, so that a
 ///   record whose sync failed is never read back as acknowledged.
 /// - Reuse: a file whose records the database holds (sequence ≤ the one it recorded) is written
@@ -28,7 +29,9 @@ final class LedgerJournal {
     /// Records start on a sector boundary, so that a torn write of one cannot reach the sectors
     /// of the acknowledged record before it.
     static let alignment = 512
-    private static let magic: UInt32 = 0x314A_FEFF
+    private static let magic: UInt32 = 0x324A_FEFF
+    /// Records whose request ids are JSON rows, as builds before the packed form wrote them.
+    static let jsonRequestIDsMagic: UInt32 = 0x314A_FEFF
 
     struct Record {
         var sequence: UInt64
@@ -214,9 +217,9 @@ final class LedgerJournal {
         }
         var records: [Record] = []
         var offset = 0
-        while let (sequence, payload) = Self.record(in: bytes, at: offset) {
+        while let (sequence, payload, magic) = Self.record(in: bytes, at: offset) {
             if let last = records.last?.sequence, sequence != last + 1 { break }
-            guard let rows = LedgerRows(encoded: payload) else {
+            guard let rows = LedgerRows(encoded: payload, jsonRequestIDs: magic == Self.jsonRequestIDsMagic) else {
                 throw .damaged(path, "journal record \(sequence) at byte \(offset) does not read back")
             }
             records.append(Record(sequence: sequence, rows: rows))
@@ -226,7 +229,7 @@ final class LedgerJournal {
         let newest = max(records.last?.sequence ?? 0, folded)
         var scan = offset + Self.alignment
         while scan + Self.headerSize <= bytes.count {
-            if let (sequence, _) = Self.record(in: bytes, at: scan), sequence > newest {
+            if let (sequence, _, _) = Self.record(in: bytes, at: scan), sequence > newest {
                 throw .damaged(path, "journal record \(sequence) at byte \(scan) is intact, but the record before it at byte \(offset) is not")
             }
             scan += Self.alignment
@@ -234,15 +237,17 @@ final class LedgerJournal {
         return records
     }
 
-    /// The sequence and payload of the whole, intact record at `offset`, if there is one.
-    private static func record(in bytes: [UInt8], at offset: Int) -> (sequence: UInt64, payload: ArraySlice<UInt8>)? {
-        guard offset + Self.headerSize <= bytes.count, Self.integer(bytes, at: offset) == Self.magic else { return nil }
+    /// The sequence, payload and magic of the whole, intact record at `offset`, if there is one.
+    private static func record(in bytes: [UInt8], at offset: Int) -> (sequence: UInt64, payload: ArraySlice<UInt8>, magic: UInt32)? {
+        guard offset + Self.headerSize <= bytes.count else { return nil }
+        let magic: UInt32 = Self.integer(bytes, at: offset)
+        guard magic == Self.magic || magic == Self.jsonRequestIDsMagic else { return nil }
         let length = Int(Self.integer(bytes, at: offset + 4) as UInt32)
         let start = offset + Self.headerSize
         guard length <= bytes.count - start else { return nil }
         let payload = bytes[start..<(start + length)]
         guard Self.checksum(bytes[(offset + 4)..<(offset + 16)], payload) == Self.integer(bytes, at: offset + 16) else { return nil }
-        return (Self.integer(bytes, at: offset + 8), payload)
+        return (Self.integer(bytes, at: offset + 8), payload, magic)
     }
 
     // MARK: bytes
