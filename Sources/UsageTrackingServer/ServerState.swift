@@ -39,6 +39,8 @@ final class ServerState: Sendable {
     let tokenDecoder: TokenDecoder?
     /// `GET /usage`'s reader of the shared ledger and its cache; nil without `--ledger-url`.
     let usage: UsageAnswers?
+    /// `/metrics` replies rendered and not yet taken by their sockets.
+    let metricsReplies = ReplySlots(limit: MetricsEndpoint.maxHeldReplies)
 
     init(
         configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets,

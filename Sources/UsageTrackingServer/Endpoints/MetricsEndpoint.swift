@@ -4,19 +4,30 @@ import UsageTrackingCore
 
 /// `GET /metrics`: the Prometheus text format, gzipped when the scraper accepts it.
 enum MetricsEndpoint {
+    /// Replies held at once, from their render until their sockets have taken them: a Prometheus
+    /// pair and a person with `curl` need three; more are scrapers that do not read.
+    static let maxHeldReplies = 4
+
     /// `from` is the scraper's address, which the status page shows with the render's duration.
     static func reply(_ head: RequestHead, from: String? = nil, state: ServerState) -> HTTPResponse {
+        guard let slot = state.metricsReplies.take() else {
+            return .error(
+                .serviceUnavailable, "too many /metrics replies are waiting to be read",
+                ["at most \(Self.maxHeldReplies) are held until their scrapers have read them; retry once one has"],
+                headers: [("retry-after", "1")]
+            )
+        }
         let started = NIODeadline.now()
         let text = state.metrics.render()
         let renderSeconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9
         state.status?.events.recordScrape(.init(time: wallClock(), from: from, renderSeconds: renderSeconds))
-        guard Self.acceptsGzip(head) else {
-            return HTTPResponse(status: .ok, contentType: ExpositionWriter.contentType, headers: [("vary", "accept-encoding")], body: text)
-        }
-        return HTTPResponse(
+        let gzip = Self.acceptsGzip(head)
+        var reply = HTTPResponse(
             status: .ok, contentType: ExpositionWriter.contentType,
-            headers: [("content-encoding", "gzip"), ("vary", "accept-encoding")], body: Gzip.compress(text)
+            headers: (gzip ? [("content-encoding", "gzip")] : []) + [("vary", "accept-encoding")], body: gzip ? Gzip.compress(text) : text
         )
+        reply.slot = slot
+        return reply
     }
 
     /// True when `gzip` is listed without `q=0`.

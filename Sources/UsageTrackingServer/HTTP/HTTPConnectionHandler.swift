@@ -304,10 +304,16 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
         let close = self.closesAfter(request)
         let bytes = reply.serialized(allocator: context.channel.allocator, omitBody: request.head.method == .HEAD, close: close)
         self.observe(context: context, request)
+        // A reply's slot is kept until the socket has taken all of it, or the write failed.
+        let written = reply.slot.map { slot in
+            let promise = context.eventLoop.makePromise(of: Void.self)
+            promise.futureResult.whenComplete { _ in withExtendedLifetime(slot) {} }
+            return promise
+        }
         if close {
-            self.writeAndClose(context: context, bytes)
+            self.writeAndClose(context: context, bytes, promise: written)
         } else {
-            context.write(self.wrapOutboundOut(bytes), promise: nil)
+            context.write(self.wrapOutboundOut(bytes), promise: written)
         }
     }
 
@@ -315,10 +321,10 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     /// peer reads all of it and then the end of the stream; anything it still sends is read and
     /// discarded until it closes its side, or `lingerTime` passes. Closing outright with unread
     /// input would make the kernel send a reset, which can destroy the reply before it is read.
-    private func writeAndClose(context: ChannelHandlerContext, _ bytes: ByteBuffer) {
+    private func writeAndClose(context: ChannelHandlerContext, _ bytes: ByteBuffer, promise: EventLoopPromise<Void>? = nil) {
         self.queue.closing = true
         self.queue.inputDone = true
-        context.writeAndFlush(self.wrapOutboundOut(bytes), promise: nil)
+        context.writeAndFlush(self.wrapOutboundOut(bytes), promise: promise)
         let halfClosed = context.eventLoop.makePromise(of: Void.self)
         context.close(mode: .output, promise: halfClosed)
         halfClosed.futureResult.assumeIsolated().whenComplete { result in

@@ -8,6 +8,8 @@ struct HTTPResponse: Sendable {
     var status: HTTPResponseStatus
     var headers: [(String, String)] = []
     var body: [UInt8] = []
+    /// Held until the socket has taken the whole reply (see `ReplySlots`); nil for most replies.
+    var slot: ReplySlots.Slot?
 
     init(status: HTTPResponseStatus, contentType: String? = nil, headers: [(String, String)] = [], body: [UInt8] = []) {
         self.status = status

@@ -351,3 +351,67 @@ extension PipelineHarness {
         #expect(!harness.channel.isActive)
     }
 }
+
+/// A socket that has not taken its writes yet: the bytes pass on (so the test reads them), the
+/// promises are kept until the test says the socket took them, or failed them.
+final class UntakenWrites: ChannelOutboundHandler, @unchecked Sendable {
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    var held: [EventLoopPromise<Void>] = []
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if let promise { self.held.append(promise) }
+        context.write(data, promise: nil)
+    }
+
+    func take(_ result: Result<Void, any Error>) {
+        let first = self.held.removeFirst()
+        first.completeWith(result)
+    }
+}
+
+/// `/metrics` replies are held at most `MetricsEndpoint.maxHeldReplies` at once, from their
+/// render until their sockets take them: scrapers that do not read cannot hold a copy each.
+@Suite struct MetricsReplyBoundTests {
+    @Test func aScrapeBeyondTheHeldRepliesIsRefusedUntilOneIsTaken() throws {
+        let harness = try PipelineHarness()
+        let socket = UntakenWrites()
+        try harness.channel.pipeline.syncOperations.addHandler(socket, position: .first)
+        let limit = MetricsEndpoint.maxHeldReplies
+        let responses = try harness.send(String(repeating: PipelineHarness.get("/metrics"), count: limit + 1))
+        #expect(responses.map(\.status) == Array(repeating: 200, count: limit) + [503])
+        #expect(responses.last?.header("retry-after") == "1")
+        #expect(responses.last?.text == #"{"error":"too many /metrics replies are waiting to be read","problems":["at most 4 are held until their scrapers have read them; retry once one has"]}"# + "\n")
+        #expect(harness.state.metricsReplies.held == limit)
+        #expect(socket.held.count == limit, "only the replies holding a slot wait for the socket")
+
+        socket.take(.success(()))
+        #expect(harness.state.metricsReplies.held == limit - 1)
+        #expect(try harness.send(PipelineHarness.get("/metrics")).map(\.status) == [200])
+        // A write that fails (the connection went) gives its slot back too.
+        socket.take(.failure(ChannelError.ioOnClosedChannel))
+        #expect(harness.state.metricsReplies.held == limit - 1)
+        while !socket.held.isEmpty { socket.take(.success(())) }
+        #expect(harness.state.metricsReplies.held == 0)
+    }
+
+    /// A render whose connection closed before its reply could be written gives its slot back.
+    @Test func aReplyDroppedUnwrittenGivesItsSlotBack() throws {
+        let work = OffLoopReplyTests.HeldWork()
+        let harness = try PipelineHarness(runOffLoop: work.runner())
+        #expect(try harness.send(PipelineHarness.get("/metrics")).isEmpty)
+        _ = try harness.channel.finish()
+        work.release()
+        #expect(harness.state.metricsReplies.held == 0)
+    }
+
+    @Test func slotsAreTakenUpToTheLimitAndGivenBackWhenFreed() {
+        let slots = ReplySlots(limit: 2)
+        var first = slots.take()
+        let second = slots.take()
+        #expect(first != nil && second != nil && slots.take() == nil && slots.held == 2)
+        first = nil
+        #expect(slots.held == 1 && slots.take() != nil, "a slot freed is a slot to take")
+        _ = (first, second)
+    }
+}
