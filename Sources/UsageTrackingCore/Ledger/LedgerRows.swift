@@ -205,14 +205,19 @@ struct PackedRequestIDs: Equatable {
     }
 
     func forEach(_ body: (_ digest: UInt64, _ seen: Int64) -> Void) {
-        self.bytes.withUnsafeBytes { raw in
-            for offset in stride(from: 0, to: raw.count, by: Self.entrySize) {
-                body(
-                    UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: offset, as: UInt64.self)),
-                    Int64(littleEndian: raw.loadUnaligned(fromByteOffset: offset + 8, as: Int64.self))
-                )
-            }
+        _ = self.bytes.withUnsafeBytes { Self.forEach(in: $0, body) }
+    }
+
+    /// Each id in packed `bytes`, read in place; false (and none read) unless whole entries.
+    static func forEach(in bytes: UnsafeRawBufferPointer, _ body: (_ digest: UInt64, _ seen: Int64) -> Void) -> Bool {
+        guard bytes.count % Self.entrySize == 0 else { return false }
+        for offset in stride(from: 0, to: bytes.count, by: Self.entrySize) {
+            body(
+                UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: UInt64.self)),
+                Int64(littleEndian: bytes.loadUnaligned(fromByteOffset: offset + 8, as: Int64.self))
+            )
         }
+        return true
     }
 }
 

@@ -32,7 +32,8 @@ import struct Foundation.Data
 ///   Readers such as `sqlite3` may read while it runs (WAL).
 /// - Disk: bounded by series, series-hours within the retention, and ids within the dedupe
 ///   window (a block is deleted once its newest id has left the window); SQLite checkpoints the
-///   WAL every 1000 pages and truncates it to 64 MiB at most.
+///   WAL every 1000 pages and truncates it to 64 MiB at most. `restore` holds at most twice the
+///   window's `maxIDs` ids at a time, keeping the newest.
 public final class UsageLedger: LedgerEngine {
     public static let databaseName = "usage.sqlite"
     public static let lockName = "usage.lock"
@@ -180,17 +181,26 @@ public final class UsageLedger: LedgerEngine {
                     restored.unexposedMetrics.append("\(row[1] as String)\(row[2] as String)")
                 }
                 if let requestIDs {
+                    // The window keeps the newest `maxIDs`: beyond twice that, the oldest read so
+                    // far are dropped, so a ledger holding more ids than that cannot make the
+                    // restore hold them all.
                     let cutoff = now - requestIDs.window
                     var ids: [(digest: UInt64, seen: Int64)] = []
-                    let blocks = try Row.fetchCursor(db, sql: "SELECT rowid, ids FROM request_id_block WHERE last_seen > ?", arguments: [cutoff])
-                    while let row = try blocks.next() {
-                        guard let block = PackedRequestIDs(row[1] as Data) else {
-                            throw LedgerError.damaged(self.path, "request id block \(row[0] as Int64) is not a whole number of ids")
-                        }
-                        block.forEach { digest, seen in if seen > cutoff { ids.append((digest, seen)) } }
+                    func keepNewest(_ count: Int) {
+                        ids.sort { $0.seen < $1.seen }
+                        if ids.count > count { ids.removeFirst(ids.count - count) }
                     }
-                    // Oldest first, as the window expires them.
-                    ids.sort { $0.seen < $1.seen }
+                    let blocks = try Row.fetchCursor(db, sql: "SELECT rowid, ids FROM request_id_block WHERE last_seen > ? ORDER BY last_seen", arguments: [cutoff])
+                    while let row = try blocks.next() {
+                        let whole = try row.withUnsafeData(atIndex: 1) { data in
+                            (data ?? Data()).withUnsafeBytes { bytes in
+                                PackedRequestIDs.forEach(in: bytes) { digest, seen in if seen > cutoff { ids.append((digest, seen)) } }
+                            }
+                        }
+                        guard whole else { throw LedgerError.damaged(self.path, "request id block \(row[0] as Int64) is not a whole number of ids") }
+                        if ids.count > 2 * requestIDs.maxIDs { keepNewest(requestIDs.maxIDs) }
+                    }
+                    keepNewest(requestIDs.maxIDs)
                     for (digest, seen) in ids { requestIDs.restore(digest, at: seen) }
                     restored.requestIDs = ids.count
                 }
@@ -313,14 +323,17 @@ public final class UsageLedger: LedgerEngine {
         }
         guard version < Self.schemaVersion else { return }
         try db.inTransaction(.immediate) {
-            try Self.migrate(db, from: version, to: Self.schemaVersion)
+            try Self.migrate(db, from: version)
             return .commit
         }
     }
 
+    /// Schema 1's request ids move into blocks of this many (1 MiB each).
+    static let idsPerMovedBlock = 65_536
+
     /// Each schema's step from the one before, so a new ledger and an old one take the same path.
-    static func migrate(_ db: Database, from version: Int, to target: Int) throws {
-        if version < 1 && target >= 1 {
+    private static func migrate(_ db: Database, from version: Int) throws {
+        if version < 1 {
             try db.execute(sql: """
                 CREATE TABLE metric (
                     id INTEGER PRIMARY KEY,
@@ -352,7 +365,7 @@ public final class UsageLedger: LedgerEngine {
                 PRAGMA user_version = 1;
                 """)
         }
-        if version < 2 && target >= 2 {
+        if version < 2 {
             // Looked up only at startup, so a commit's ids need not be rows of their own: one
             // value per commit costs SQLite a tenth of the CPU of a row per id.
             try db.execute(sql: """
@@ -363,7 +376,13 @@ public final class UsageLedger: LedgerEngine {
                 """)
             var ids = PackedRequestIDs()
             let rows = try Row.fetchCursor(db, sql: "SELECT digest, seen FROM request_id ORDER BY seen")
-            while let row = try rows.next() { ids.append(UInt64(bitPattern: row[0] as Int64), seen: row[1]) }
+            while let row = try rows.next() {
+                ids.append(UInt64(bitPattern: row[0] as Int64), seen: row[1])
+                if ids.count == Self.idsPerMovedBlock {
+                    try Self.insert(ids, db)
+                    ids = PackedRequestIDs()
+                }
+            }
             if !ids.isEmpty { try Self.insert(ids, db) }
             try db.execute(sql: "DROP TABLE request_id; PRAGMA user_version = 2")
         }

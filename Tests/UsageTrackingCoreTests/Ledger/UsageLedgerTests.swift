@@ -206,22 +206,11 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
     /// opened, its ids move into one block in the transaction that sets schema 2, the ones in the
     /// window still catch repeats, and its counts are as they were.
     @Test func aSchemaOneLedgerKeepsItsRequestIDs() throws {
-        let directory = ScratchDirectory()
-        _ = directory.sql("""
-            CREATE TABLE metric (id INTEGER PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL, UNIQUE (name, labels));
-            CREATE TABLE series (id INTEGER PRIMARY KEY, metric_id INTEGER NOT NULL REFERENCES metric (id), labels TEXT NOT NULL,
-                total INTEGER NOT NULL, UNIQUE (metric_id, labels));
-            CREATE TABLE usage_hourly (series_id INTEGER NOT NULL REFERENCES series (id), hour INTEGER NOT NULL, amount INTEGER NOT NULL,
-                PRIMARY KEY (series_id, hour)) WITHOUT ROWID;
-            CREATE INDEX usage_hourly_by_hour ON usage_hourly (hour);
-            CREATE TABLE request_id (seen INTEGER NOT NULL, digest INTEGER NOT NULL, PRIMARY KEY (seen, digest)) WITHOUT ROWID;
-            CREATE TABLE ledger_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-            INSERT INTO ledger_state VALUES ('last_commit', \(now - 1));
+        let directory = Self.schemaOneLedger("""
             INSERT INTO metric VALUES (1, 'llm_requests_total', json_array('user', 'groups', 'path'));
             INSERT INTO series VALUES (1, 1, json_object('user', 'a', 'groups', 'g', 'path', '/p'), 5);
             INSERT INTO usage_hourly VALUES (1, \(hour), 5);
             INSERT INTO request_id VALUES (\(now - 700), 7), (\(now - 5), -8), (\(now - 1), 9);
-            PRAGMA user_version = 1;
             """)
         let window = RequestIDWindow(window: 600, maxIDs: 100)
         let metrics = UsageMetrics(requestIDs: window)
@@ -235,6 +224,63 @@ private func ledgerWithOneSeries() throws -> ScratchDirectory {
         #expect(directory.sql("SELECT name FROM sqlite_schema WHERE name LIKE 'request_id%'") == "request_id_block\n")
         #expect(directory.sql("SELECT last_seen - \(now), length(ids) FROM request_id_block") == "-1|48\n")
         #expect(directory.sql("SELECT amount FROM usage_hourly") == "5\n")
+    }
+
+    /// Schema 1's ids move in blocks of `idsPerMovedBlock`, each with its own newest time, so no
+    /// single value grows with the table.
+    @Test func schemaOneIDsMoveInBoundedBlocks() throws {
+        let count = UsageLedger.idsPerMovedBlock + 10
+        let directory = Self.schemaOneLedger("""
+            WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < \(count))
+            INSERT INTO request_id SELECT \(now - Int64(count)) + i, i FROM n;
+            """)
+        let window = RequestIDWindow(window: 86_400, maxIDs: 1_000_000)
+        let metrics = UsageMetrics(requestIDs: window)
+        let store = try ledger(directory, metrics)
+        #expect(try store.restore(into: metrics, requestIDs: window, now: now).requestIDs == count)
+        store.close()
+        #expect(directory.sql("SELECT length(ids) / 16, last_seen - \(now) FROM request_id_block ORDER BY rowid") == "\(UsageLedger.idsPerMovedBlock)|-10\n10|0\n")
+    }
+
+    /// A ledger may hold more ids than the window keeps (a smaller `--dedupe-max-ids` after a
+    /// restart): the newest are restored, whatever order their blocks were written in, and the
+    /// restore holds no more than twice the window's ids at a time.
+    @Test func theNewestIDsAreRestoredWhenTheLedgerHoldsMore() throws {
+        let directory = ScratchDirectory()
+        let metrics = UsageMetrics(requestIDs: RequestIDWindow(window: 600, maxIDs: 100))
+        let store = try ledger(directory, metrics)
+        try store.restore(into: metrics, requestIDs: metrics.requestIDs, now: now)
+        for ids in [[(1, 10), (2, 11), (3, 12)], [(4, 1), (5, 2), (6, 3)]] as [[(UInt64, Int64)]] {
+            var batch = LedgerBatch()
+            for (id, seen) in ids { batch.add(requestID: id, seen: now + seen) }
+            try store.commit(batch, now: now + 12)
+        }
+        store.close()
+        let window = RequestIDWindow(window: 600, maxIDs: 2)
+        let reopened = UsageMetrics(requestIDs: window)
+        #expect(try ledger(directory, reopened).restore(into: reopened, requestIDs: window, now: now + 20).requestIDs == 2)
+        // Claims of the restored first: a new id fills the window of two and pushes the oldest out.
+        #expect(window.count == 2)
+        #expect([3, 2, 1].map { window.claim($0, at: now + 20) } == [false, false, true])
+    }
+
+    /// An empty ledger of schema 1, as the build before wrote it, with `rows` added.
+    private static func schemaOneLedger(_ rows: String) -> ScratchDirectory {
+        let directory = ScratchDirectory()
+        _ = directory.sql("""
+            CREATE TABLE metric (id INTEGER PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL, UNIQUE (name, labels));
+            CREATE TABLE series (id INTEGER PRIMARY KEY, metric_id INTEGER NOT NULL REFERENCES metric (id), labels TEXT NOT NULL,
+                total INTEGER NOT NULL, UNIQUE (metric_id, labels));
+            CREATE TABLE usage_hourly (series_id INTEGER NOT NULL REFERENCES series (id), hour INTEGER NOT NULL, amount INTEGER NOT NULL,
+                PRIMARY KEY (series_id, hour)) WITHOUT ROWID;
+            CREATE INDEX usage_hourly_by_hour ON usage_hourly (hour);
+            CREATE TABLE request_id (seen INTEGER NOT NULL, digest INTEGER NOT NULL, PRIMARY KEY (seen, digest)) WITHOUT ROWID;
+            CREATE TABLE ledger_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            INSERT INTO ledger_state VALUES ('last_commit', \(now - 1));
+            \(rows)
+            PRAGMA user_version = 1;
+            """)
+        return directory
     }
 
     /// A block whose length is not a whole number of ids cannot have been written here.

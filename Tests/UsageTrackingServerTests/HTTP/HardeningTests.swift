@@ -395,11 +395,25 @@ final class UntakenWrites: ChannelOutboundHandler, @unchecked Sendable {
         #expect(harness.state.metricsReplies.held == 0)
     }
 
-    /// A render whose connection closed before its reply could be written gives its slot back.
-    @Test func aReplyDroppedUnwrittenGivesItsSlotBack() throws {
+    /// A reply that closes its connection, and a reply to HEAD, keep their slots until the socket
+    /// has taken them too.
+    @Test(arguments: [PipelineHarness.get("/metrics", headers: ["Connection: close"]), PipelineHarness.get("/metrics", method: "HEAD")])
+    func closingAndHeadRepliesKeepTheirSlotsUntilTaken(request: String) throws {
+        let harness = try PipelineHarness()
+        let socket = UntakenWrites()
+        try harness.channel.pipeline.syncOperations.addHandler(socket, position: .first)
+        #expect(try harness.send(request).map(\.status) == [200])
+        #expect(harness.state.metricsReplies.held == 1)
+        socket.take(.success(()))
+        #expect(harness.state.metricsReplies.held == 0)
+    }
+
+    /// A render whose connection closed before its reply was written gives its slot back.
+    @Test func aRenderWhoseConnectionClosedGivesItsSlotBack() throws {
         let work = OffLoopReplyTests.HeldWork()
         let harness = try PipelineHarness(runOffLoop: work.runner())
         #expect(try harness.send(PipelineHarness.get("/metrics")).isEmpty)
+        #expect(work.count == 1)
         _ = try harness.channel.finish()
         work.release()
         #expect(harness.state.metricsReplies.held == 0)
