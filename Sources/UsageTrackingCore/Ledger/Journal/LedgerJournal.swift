@@ -13,9 +13,10 @@ import Glibc
 /// - Records, from the start of a file, each on a 512-byte boundary: magic, payload length,
 ///   sequence (one more than the record before it, across both files), CRC-32 of the length, the
 ///   sequence and the payload, then the payload. The magic names the payload's form: request ids
-///   packed (written), or as JSON rows (read, for records an earlier build left at a crash). An append that fails uses up its sequence, and
-///   `JournaledLedger` has the database record it as held before appending again, so that a
-///   record whose sync failed is never read back as acknowledged.
+///   packed (written), or as JSON rows (read, for records an earlier build left at a crash). An
+///   append that fails uses up its sequence, and `JournaledLedger` has the database record it as
+///   held before appending again, so that a record whose sync failed is never read back as
+///   acknowledged.
 /// - Reuse: a file whose records the database holds (sequence ≤ the one it recorded) is written
 ///   again from its start. Records left behind from earlier rounds have older sequences, so a
 ///   reader stops at them, as at zeros or a torn record.
