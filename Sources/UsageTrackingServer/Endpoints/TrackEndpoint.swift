@@ -126,6 +126,8 @@ enum TrackEndpoint {
 
     private static func noteAccepted(_ callback: Callback, _ head: RequestHead, sender: String?, state: ServerState) {
         state.status?.rates.record(.accepted)
+        // The id is looked up and copied only for what shows it.
+        guard state.recent != nil || state.logsDebug else { return }
         let requestID = Self.requestID(head)
         state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID, sender: sender))
         if state.logsDebug {

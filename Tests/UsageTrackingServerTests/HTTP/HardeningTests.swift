@@ -42,6 +42,13 @@ extension PipelineHarness {
         get throws { try self.channel.pipeline.syncOperations.handler(type: HTTPConnectionHandler.self) }
     }
 
+    /// Puts an `UntakenWrites` in front of the pipeline, where the socket would be.
+    func untakenWrites() throws -> UntakenWrites {
+        let socket = UntakenWrites()
+        try self.channel.pipeline.syncOperations.addHandler(socket, position: .first)
+        return socket
+    }
+
     func setWritable(_ writable: Bool) {
         self.channel.isWritable = writable
         self.channel.pipeline.fireChannelWritabilityChanged()
@@ -375,8 +382,7 @@ final class UntakenWrites: ChannelOutboundHandler, @unchecked Sendable {
 @Suite struct MetricsReplyBoundTests {
     @Test func aScrapeBeyondTheHeldRepliesIsRefusedUntilOneIsTaken() throws {
         let harness = try PipelineHarness()
-        let socket = UntakenWrites()
-        try harness.channel.pipeline.syncOperations.addHandler(socket, position: .first)
+        let socket = try harness.untakenWrites()
         let limit = MetricsEndpoint.maxHeldReplies
         let responses = try harness.send(String(repeating: PipelineHarness.get("/metrics"), count: limit + 1))
         #expect(responses.map(\.status) == Array(repeating: 200, count: limit) + [503])
@@ -400,8 +406,7 @@ final class UntakenWrites: ChannelOutboundHandler, @unchecked Sendable {
     @Test(arguments: [PipelineHarness.get("/metrics", headers: ["Connection: close"]), PipelineHarness.get("/metrics", method: "HEAD")])
     func closingAndHeadRepliesKeepTheirSlotsUntilTaken(request: String) throws {
         let harness = try PipelineHarness()
-        let socket = UntakenWrites()
-        try harness.channel.pipeline.syncOperations.addHandler(socket, position: .first)
+        let socket = try harness.untakenWrites()
         #expect(try harness.send(request).map(\.status) == [200])
         #expect(harness.state.metricsReplies.held == 1)
         socket.take(.success(()))
