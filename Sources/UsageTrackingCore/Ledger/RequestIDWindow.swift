@@ -1,4 +1,5 @@
 import Crypto
+import Glibc
 import Synchronization
 
 /// The request ids seen recently, so a callback repeated with the same id is counted once.
@@ -14,8 +15,10 @@ import Synchronization
 ///   never claimed for a callback that was not counted).
 /// - Bounds: at most `maxIDs` ids. Beyond it the oldest is forgotten before its window ends and
 ///   counted in `evictions`; an id older than `window` is forgotten whenever ids are claimed.
-///   Memory is about 32 bytes per id.
-/// - Concurrency: every method may be called from any thread; one lock, held for one dictionary
+///   Memory: a 16-byte slot per id in a table at most half full, and 16 bytes per claim in the
+///   claim order, which may hold twice the live ids: about 60 bytes per id at the bound
+///   (`usage-tracking-core-benchmark --only request-id-memory`).
+/// - Concurrency: every method may be called from any thread; one lock, held for one table
 ///   operation and the expiry of what fell out of the window.
 /// - Time is wall-clock seconds, supplied by the caller, so ids read back from the ledger after a
 ///   restart keep their place in the window.
@@ -26,7 +29,7 @@ public final class RequestIDWindow: Sendable {
 
     private struct State {
         /// Digest to the time it was claimed.
-        var seen: [UInt64: Int64] = [:]
+        var seen: DigestTable
         /// Claims in time order, for expiry and eviction. An entry whose digest was released or
         /// claimed again later no longer matches `seen` and is skipped.
         var order: [(digest: UInt64, time: Int64)] = []
@@ -38,7 +41,7 @@ public final class RequestIDWindow: Sendable {
         precondition(window > 0 && maxIDs > 0)
         self.window = window
         self.maxIDs = maxIDs
-        self.state = Mutex(State())
+        self.state = Mutex(State(seen: DigestTable()))
     }
 
     public static func digest(_ id: String) -> UInt64 {
@@ -58,10 +61,13 @@ public final class RequestIDWindow: Sendable {
     public func claim(_ digest: UInt64, at now: Int64) -> Bool {
         self.state.withLock { state in
             self.expire(&state, now: now)
-            // One hash lookup for the common case, a new id: written first, put back if a repeat.
-            if let time = state.seen.updateValue(now, forKey: digest), now - time < self.window {
-                state.seen[digest] = time
-                return false
+            // One probe of the table: it finds the id, or the empty slot where it goes.
+            switch state.seen.find(digest) {
+            case .found(let slot):
+                if now - state.seen.time(at: slot) < self.window { return false }
+                state.seen.setTime(now, at: slot)
+            case .absent(let slot):
+                state.seen.insert(digest, at: now, into: slot)
             }
             self.order(&state, digest, at: now)
             return true
@@ -70,12 +76,20 @@ public final class RequestIDWindow: Sendable {
 
     /// Forgets a claim whose callback was not counted after all.
     public func release(_ digest: UInt64) {
-        self.state.withLock { _ = $0.seen.removeValue(forKey: digest) }
+        self.state.withLock { state in
+            if case .found(let slot) = state.seen.find(digest) { state.seen.remove(at: slot) }
+        }
     }
 
     /// Puts back an id read from the ledger at startup (oldest first).
     public func restore(_ digest: UInt64, at time: Int64) {
-        self.state.withLock { self.record(&$0, digest, at: time) }
+        self.state.withLock { state in
+            switch state.seen.find(digest) {
+            case .found(let slot): state.seen.setTime(time, at: slot)
+            case .absent(let slot): state.seen.insert(digest, at: time, into: slot)
+            }
+            self.order(&state, digest, at: time)
+        }
     }
 
     public var count: Int { self.state.withLock { $0.seen.count } }
@@ -83,16 +97,11 @@ public final class RequestIDWindow: Sendable {
     /// Entries in the claim order, stale ones included (for the bound's test).
     var orderCount: Int { self.state.withLock { $0.order.count - $0.head } }
 
-    private func record(_ state: inout State, _ digest: UInt64, at time: Int64) {
-        state.seen[digest] = time
-        self.order(&state, digest, at: time)
-    }
-
     /// Appends a digest just written to `seen` to the claim order, within the bounds.
     private func order(_ state: inout State, _ digest: UInt64, at time: Int64) {
         state.order.append((digest, time))
         while state.seen.count > self.maxIDs, let oldest = self.popOldest(&state) {
-            state.seen.removeValue(forKey: oldest.digest)
+            state.seen.remove(at: oldest)
             state.evictions += 1
         }
         // Released and re-claimed ids leave stale entries behind; drop the consumed prefix once
@@ -103,7 +112,7 @@ public final class RequestIDWindow: Sendable {
         }
         // Stale entries left mid-array (ids released after a failed commit) are bounded too.
         if state.order.count - state.head > 2 * self.maxIDs + 1024 {
-            state.order = state.seen.map { ($0.key, $0.value) }.sorted { $0.time < $1.time }
+            state.order = state.seen.entries.sorted { $0.time < $1.time }
             state.head = 0
         }
     }
@@ -112,18 +121,120 @@ public final class RequestIDWindow: Sendable {
         while state.head < state.order.count, now - state.order[state.head].time >= self.window {
             let entry = state.order[state.head]
             state.head += 1
-            // One hash lookup for both the check and the removal.
-            if let index = state.seen.index(forKey: entry.digest), state.seen.values[index] == entry.time { state.seen.remove(at: index) }
+            if case .found(let slot) = state.seen.find(entry.digest), state.seen.time(at: slot) == entry.time {
+                state.seen.remove(at: slot)
+            }
         }
     }
 
-    /// The oldest live entry, taken off the order.
-    private func popOldest(_ state: inout State) -> (digest: UInt64, time: Int64)? {
+    /// The slot of the oldest live entry, taken off the order.
+    private func popOldest(_ state: inout State) -> Int? {
         while state.head < state.order.count {
             let entry = state.order[state.head]
             state.head += 1
-            if state.seen[entry.digest] == entry.time { return entry }
+            if case .found(let slot) = state.seen.find(entry.digest), state.seen.time(at: slot) == entry.time { return slot }
         }
         return nil
+    }
+}
+
+/// Digests and the times they were claimed, in one open-addressed array: a digest and its time
+/// share a slot, so finding, adding or removing an id touches one place in memory (a dictionary
+/// keeps keys, values and occupancy apart, three cache misses in a window of a million ids).
+///
+/// Linear probing, at most half full, with backward-shift removal (no tombstones). A digest's
+/// home slot is the top bits of the digest times a random odd number chosen per table: the ids,
+/// and so their digests, come from callers, and without the secret factor a caller could grind
+/// ids whose digests share a home and make every probe walk a long run.
+struct DigestTable {
+    /// `time == DigestTable.empty` marks a free slot (every digest value is a possible id).
+    private var slots: [(digest: UInt64, time: Int64)]
+    private var shift: UInt64
+    private let factor: UInt64
+    private(set) var count = 0
+    private static let empty = Int64.min
+
+    enum Place { case found(Int), absent(Int) }
+
+    init() {
+        self.slots = Self.emptySlots(16)
+        self.shift = 64 - 4
+        self.factor = UInt64.random(in: 0...UInt64.max) | 1
+    }
+
+    private var mask: Int { self.slots.count - 1 }
+
+    private func home(_ digest: UInt64) -> Int { Int(truncatingIfNeeded: (digest &* self.factor) >> self.shift) }
+
+    func find(_ digest: UInt64) -> Place {
+        var slot = self.home(digest)
+        while true {
+            let entry = self.slots[slot]
+            if entry.time == Self.empty { return .absent(slot) }
+            if entry.digest == digest { return .found(slot) }
+            slot = (slot + 1) & self.mask
+        }
+    }
+
+    func time(at slot: Int) -> Int64 { self.slots[slot].time }
+    mutating func setTime(_ time: Int64, at slot: Int) { self.slots[slot].time = time }
+
+    /// Adds a digest at the free slot `find` returned for it.
+    mutating func insert(_ digest: UInt64, at time: Int64, into slot: Int) {
+        self.slots[slot] = (digest, time)
+        self.count += 1
+        if self.count * 2 > self.slots.count { self.grow() }
+    }
+
+    /// Empties a slot, moving back the entries after it that would no longer be found.
+    mutating func remove(at slot: Int) {
+        var hole = slot
+        var next = slot
+        while true {
+            next = (next + 1) & self.mask
+            let entry = self.slots[next]
+            if entry.time == Self.empty { break }
+            // The entry may fill the hole unless its home lies after the hole, up to it.
+            if (next - self.home(entry.digest)) & self.mask >= (next - hole) & self.mask {
+                self.slots[hole] = entry
+                hole = next
+            }
+        }
+        self.slots[hole] = (0, Self.empty)
+        self.count -= 1
+    }
+
+    var entries: [(digest: UInt64, time: Int64)] { self.slots.filter { $0.time != Self.empty } }
+
+    /// The slots a lookup of `digest` reads (for the spreading test).
+    func probeLength(_ digest: UInt64) -> Int {
+        let place = self.find(digest)
+        let end: Int
+        switch place { case .found(let slot), .absent(let slot): end = slot }
+        return (end - self.home(digest)) & self.mask + 1
+    }
+
+    /// `count` free slots. A large table is asked for 2 MiB pages before it is first written:
+    /// every lookup lands on a random slot, and with 4 KiB pages each one also missed the TLB (a
+    /// page walk, dearer still under a hypervisor). Where the kernel gives none, nothing changes.
+    private static func emptySlots(_ count: Int) -> [(digest: UInt64, time: Int64)] {
+        Array(unsafeUninitializedCapacity: count) { buffer, initialized in
+            let hugePage = 2 << 20
+            let start = (Int(bitPattern: buffer.baseAddress) + hugePage - 1) & ~(hugePage - 1)
+            let end = (Int(bitPattern: buffer.baseAddress) + count * MemoryLayout<(UInt64, Int64)>.stride) & ~(hugePage - 1)
+            if end > start { _ = madvise(UnsafeMutableRawPointer(bitPattern: start), end - start, MADV_HUGEPAGE) }
+            buffer.initialize(repeating: (0, Self.empty))
+            initialized = count
+        }
+    }
+
+    private mutating func grow() {
+        let old = self.slots
+        self.slots = Self.emptySlots(old.count * 2)
+        self.shift -= 1
+        for entry in old where entry.time != Self.empty {
+            guard case .absent(let slot) = self.find(entry.digest) else { continue }
+            self.slots[slot] = entry
+        }
     }
 }

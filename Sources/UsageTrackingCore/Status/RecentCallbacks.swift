@@ -6,14 +6,17 @@ public final class RecentCallbacks: Sendable {
     public struct Accepted: Sendable, Equatable {
         public var time: Double
         public var callback: Callback
-        public var requestID: String?
+        /// Kept in place: an accepted callback is recorded on `/track`'s path.
+        public var echoedRequestID: EchoedText?
         /// The address the callback came from (`ip:port`), when known.
         public var sender: String?
 
-        public init(time: Double, callback: Callback, requestID: String?, sender: String? = nil) {
+        public var requestID: String? { self.echoedRequestID?.description }
+
+        public init(time: Double, callback: Callback, requestID: EchoedText?, sender: String? = nil) {
             self.time = time
             self.callback = callback
-            self.requestID = requestID
+            self.echoedRequestID = requestID
             self.sender = sender
         }
     }

@@ -28,3 +28,40 @@ extension StringProtocol {
         return String(kept) + "…"
     }
 }
+
+/// Client text as it is echoed (`truncated(toUTF8Bytes: ClientText.echoedBytes)`), kept in place
+/// rather than in a `String`'s buffer: recording it costs no allocation, which matters for what
+/// is kept from every callback (its request id, among the recent ones `/debug` shows).
+public struct EchoedText: Sendable, Equatable, CustomStringConvertible {
+    /// `ClientText.echoedBytes` of them.
+    private var bytes = InlineArray<64, UInt8>(repeating: 0)
+    private var count = 0
+
+    /// The bytes as received, which may be any length and need not be UTF-8.
+    public init(_ received: UnsafeRawBufferPointer) {
+        guard received.count <= ClientText.echoedBytes else {
+            // Cut now: at most 64 bytes of UTF-8, which the text below gives back unchanged.
+            var cut = String(decoding: received, as: UTF8.self).truncated(toUTF8Bytes: ClientText.echoedBytes)
+            self = cut.withUTF8 { Self(UnsafeRawBufferPointer($0)) }
+            return
+        }
+        for (index, byte) in received.enumerated() { self.bytes[index] = byte }
+        self.count = received.count
+    }
+
+    public init(_ text: String) {
+        var text = text
+        self = text.withUTF8 { Self(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// The text echoed, cut as `String.truncated(toUTF8Bytes:)` cuts (bytes that are not UTF-8
+    /// become U+FFFD, which may take it past the bound again).
+    public var description: String {
+        self.bytes.span.withUnsafeBufferPointer { String(decoding: $0[..<self.count], as: UTF8.self) }
+            .truncated(toUTF8Bytes: ClientText.echoedBytes)
+    }
+
+    public static func == (left: Self, right: Self) -> Bool {
+        left.count == right.count && (0..<left.count).allSatisfy { left.bytes[$0] == right.bytes[$0] }
+    }
+}

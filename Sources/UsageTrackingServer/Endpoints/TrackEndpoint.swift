@@ -128,10 +128,10 @@ enum TrackEndpoint {
         state.status?.rates.record(.accepted)
         // The id is looked up and copied only for what shows it.
         guard state.recent != nil || state.logsDebug else { return }
-        let requestID = Self.requestID(head)
+        let requestID = head.withFirst(name: "x-request-id") { EchoedText($0) }
         state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID, sender: sender))
         if state.logsDebug {
-            state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID))
+            state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID?.description))
         }
     }
 

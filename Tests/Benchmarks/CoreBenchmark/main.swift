@@ -5,8 +5,9 @@
 //
 // `--only track` runs just the hot path, for `valgrind --tool=callgrind`; `--only
 // track-with-request-id` adds what /track does for an `x-request-id` (its digest and the window's
-// claim). `--iterations` sets their callback count, so that two runs differenced give the
-// instructions per callback without the startup:
+// claim); `--only request-id-memory` measures a full window's memory. `--iterations` sets the
+// callback count of the first two, so that two runs differenced give the instructions per
+// callback without the startup:
 //
 //   valgrind --tool=callgrind --toggle-collect='*7measure_10operations*' \
 //       .build/release/usage-tracking-core-benchmark --only track --iterations 100000
@@ -80,6 +81,33 @@ if only == nil || only == "track-with-request-id" {
         }
     }
     print("request ids remembered: \(requestIDs.count), evicted: \(requestIDs.evictions) (\(String(format: "%.0f", withID)) ns/op)")
+    // The id's two costs apart: its digest, then its claim in the same (now fuller) window.
+    var digests = [UInt64](repeating: 0, count: iterations)
+    let digest = measure("request id: digest alone (SHA-256)", operations: iterations) {
+        for i in 0..<iterations { digests[i] = RequestIDWindow.digest(ids[i]) }
+    }
+    let later = start + Int64(iterations / perSecond) + 1
+    let claim = measure("request id: claim alone", operations: iterations) {
+        for i in 0..<iterations {
+            guard requestIDs.claim(digests[i] &+ 1, at: later + Int64(i / perSecond)) else { fatalError("a unique id was a duplicate") }
+        }
+    }
+    print("request id: digest \(String(format: "%.0f", digest)) ns + claim \(String(format: "%.0f", claim)) ns")
+}
+
+// What a full window of request ids holds in memory: a million ids, then 300,000 more that evict
+// the oldest, as a busy gateway's ids do (the process's resident memory before and after).
+if only == nil || only == "request-id-memory" {
+    func residentBytes() -> Int {
+        Int(try! String(contentsOfFile: "/proc/self/statm", encoding: .utf8).split(separator: " ")[1])! * 4096
+    }
+    let before = residentBytes()
+    let requestIDs = RequestIDWindow(window: 600, maxIDs: 1_000_000)
+    for i in 0..<1_300_000 {
+        _ = requestIDs.claim(RequestIDWindow.digest("5f0c7d2e-9b1a-4c3d-8e6f-\(100_000_000_000 + i)"), at: 1_700_000_000 + Int64(i / 10_000))
+    }
+    let grown = residentBytes() - before
+    print("request ids: \(requestIDs.count) remembered, \(requestIDs.evictions) evicted; resident memory grew \(grown / 1_000_000) MB (\(grown / requestIDs.count) bytes an id)")
 }
 
 if only == nil || only == "exposition" {

@@ -66,4 +66,51 @@ import Testing
         #expect(window.count == 0)
         #expect(window.orderCount <= 2 * 100 + 1024 + 1)
     }
+
+    /// The table against a dictionary, through growth, removals that shift runs back (also
+    /// across the array's end) and re-insertions.
+    @Test func digestTableAgreesWithADictionary() {
+        var table = DigestTable()
+        var model: [UInt64: Int64] = [:]
+        var generator = SystemRandomNumberGenerator()
+        // A few hundred digests, so that removals meet long runs and ids come back.
+        let digests = (0..<300).map { _ in UInt64.random(in: 0...UInt64.max, using: &generator) } + [0, 1, .max]
+        for step in 0..<20_000 {
+            let digest = digests.randomElement(using: &generator)!
+            switch (table.find(digest), model[digest]) {
+            case (.found(let slot), let time?):
+                #expect(table.time(at: slot) == time)
+                if Bool.random(using: &generator) {
+                    table.remove(at: slot)
+                    model[digest] = nil
+                } else {
+                    table.setTime(Int64(step), at: slot)
+                    model[digest] = Int64(step)
+                }
+            case (.absent(let slot), nil):
+                table.insert(digest, at: Int64(step), into: slot)
+                model[digest] = Int64(step)
+            default:
+                Issue.record("the table and the dictionary disagree about \(digest) at step \(step)")
+                return
+            }
+            #expect(table.count == model.count)
+        }
+        #expect(Dictionary(uniqueKeysWithValues: table.entries.map { ($0.digest, $0.time) }) == model)
+    }
+
+    /// Digests that differ only in their low or only in their high bits (as a caller grinding ids
+    /// might choose) still spread over the table: a lookup reads a few slots, not a run of all.
+    @Test func digestsAlikeInSomeBitsSpreadOverTheTable() {
+        for shift in [0, 24, 44] {
+            var table = DigestTable()
+            let digests = (0..<UInt64(20_000)).map { $0 << shift }
+            for digest in digests {
+                guard case .absent(let slot) = table.find(digest) else { Issue.record("\(digest) found before it was added"); return }
+                table.insert(digest, at: 1, into: slot)
+            }
+            let longest = digests.map { table.probeLength($0) }.max()!
+            #expect(longest < 64, "digests shifted by \(shift) bits: a lookup read \(longest) slots")
+        }
+    }
 }

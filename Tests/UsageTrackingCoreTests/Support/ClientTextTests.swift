@@ -19,4 +19,23 @@ import Testing
         #expect(cut.utf8.count == 63)
         #expect(accented[...].truncated(toUTF8Bytes: 64) == cut, "a substring is cut the same way")
     }
+
+    /// EchoedText gives what the received bytes, decoded and cut, give: for ids within the bound
+    /// and past it, ASCII, multi-byte characters and bytes that are not UTF-8.
+    @Test func echoedTextIsTheReceivedBytesDecodedAndCut() {
+        let pieces: [[UInt8]] = [Array("a".utf8), Array("é".utf8), Array("😀".utf8), [0xFF], [0xE2, 0x82], [0x80]]
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<5_000 {
+            var received: [UInt8] = []
+            let length = Int.random(in: 0...90, using: &generator)
+            while received.count < length { received += pieces.randomElement(using: &generator)! }
+            let expected = String(decoding: received, as: UTF8.self).truncated(toUTF8Bytes: ClientText.echoedBytes)
+            let echoed = received.withUnsafeBytes { EchoedText($0) }
+            #expect(echoed.description == expected, "\(received)")
+        }
+        #expect(EchoedText("5f0c7c1e").description == "5f0c7c1e")
+        #expect(EchoedText(String(repeating: "a", count: 65)).description == String(repeating: "a", count: 61) + "…")
+        #expect(EchoedText("a") != EchoedText("b"))
+        #expect(EchoedText("a") != EchoedText("ab"))
+    }
 }

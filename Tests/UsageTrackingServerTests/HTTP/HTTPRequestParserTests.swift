@@ -239,6 +239,27 @@ extension Route {
         #expect(stream.requests.isEmpty)
     }
 
+    /// Values are checked eight bytes at a time: every byte value at every place of a value
+    /// longer than two words, against the byte-by-byte rule.
+    @Test func fieldValueBytesAtEveryPlace() {
+        let filler = Array("0123456789abcdef-xyz".utf8)
+        for place in filler.indices {
+            for byte in UInt8.min...UInt8.max {
+                var value = filler
+                value[place] = byte
+                let allowed = byte >= 0x20 ? byte != 0x7F : byte == 0x09
+                let checked = value.withUnsafeBytes { HTTPRequestParser.isFieldValue($0) }
+                #expect(checked == allowed, "byte \(byte) at \(place)")
+            }
+        }
+        // Through the parser, a control byte in the third word of a request id.
+        let id = "5f0c7c1e-9b1a-4c3d-\u{01}e6f-000000000001"
+        #expect(
+            ParsedStream.parse("GET / HTTP/1.1\r\nHost: h\r\nx-request-id: \(id)\r\n\r\n").failure
+                == HTTPRequestParser.Failure(status: .badRequest, problem: "a header value holds a control character")
+        )
+    }
+
     @Test func headLimitCountsTheWholeHead() {
         let line = "GET / HTTP/1.0\r\n"
         let exactly = line + "X: " + String(repeating: "a", count: 1024 - line.utf8.count - 7) + "\r\n\r\n"
