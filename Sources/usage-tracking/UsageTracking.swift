@@ -110,7 +110,7 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Seconds a request id is remembered, 1 to 86400. (env: USAGE_TRACKING_DEDUPE_WINDOW; default: 600)")
     var dedupeWindow: Int?
 
-    @Option(parsing: .unconditional, help: "Request ids remembered at most (about 60 bytes each at the bound), 1 to 100000000; beyond it the oldest are forgotten early. (env: USAGE_TRACKING_DEDUPE_MAX_IDS; default: 1000000)")
+    @Option(parsing: .unconditional, help: "Request ids remembered at most (about 70 bytes each at the bound), 1 to 100000000; beyond it the oldest are forgotten early. (env: USAGE_TRACKING_DEDUPE_MAX_IDS; default: 1000000)")
     var dedupeMaxIds: Int?
 
     @Option(parsing: .unconditional, help: "Port for Envoy's ext_proc gRPC streams (plaintext HTTP/2 on --host), 0 to 65535 (0: any free port). (env: USAGE_TRACKING_EXT_PROC_PORT; default: off)")

@@ -16,7 +16,7 @@ import Synchronization
 /// - Bounds: at most `maxIDs` ids. Beyond it the oldest is forgotten before its window ends and
 ///   counted in `evictions`; an id older than `window` is forgotten whenever ids are claimed.
 ///   Memory: a 16-byte slot per id in a table at most half full, and 16 bytes per claim in the
-///   claim order, which may hold twice the live ids: about 60 bytes per id at the bound
+///   claim order, which may hold twice the live ids: about 70 bytes per id at the bound
 ///   (`usage-tracking-core-benchmark --only request-id-memory`).
 /// - Concurrency: every method may be called from any thread; one lock, held for one table
 ///   operation and the expiry of what fell out of the window.
@@ -96,6 +96,8 @@ public final class RequestIDWindow: Sendable {
     public var evictions: UInt64 { self.state.withLock { $0.evictions } }
     /// Entries in the claim order, stale ones included (for the bound's test).
     var orderCount: Int { self.state.withLock { $0.order.count - $0.head } }
+    /// The table's slots (for the bound's test).
+    var slotCount: Int { self.state.withLock { $0.seen.slotCount } }
 
     /// Appends a digest just written to `seen` to the claim order, within the bounds.
     private func order(_ state: inout State, _ digest: UInt64, at time: Int64) {
@@ -142,7 +144,7 @@ public final class RequestIDWindow: Sendable {
 /// share a slot, so finding, adding or removing an id touches one place in memory (a dictionary
 /// keeps keys, values and occupancy apart, three cache misses in a window of a million ids).
 ///
-/// Linear probing, at most half full, with backward-shift removal (no tombstones). A digest's
+/// Linear probing, at most half full (and one), with backward-shift removal (no tombstones). A digest's
 /// home slot is the top bits of the digest times a random odd number chosen per table: the ids,
 /// and so their digests, come from callers, and without the secret factor a caller could grind
 /// ids whose digests share a home and make every probe walk a long run.
@@ -183,8 +185,12 @@ struct DigestTable {
     mutating func insert(_ digest: UInt64, at time: Int64, into slot: Int) {
         self.slots[slot] = (digest, time)
         self.count += 1
-        if self.count * 2 > self.slots.count { self.grow() }
+        // One past half is let be: a full window holds one id more until it evicts the oldest,
+        // and growing for it would double the table of a power-of-two bound for good.
+        if (self.count - 1) * 2 > self.slots.count { self.grow() }
     }
+
+    var slotCount: Int { self.slots.count }
 
     /// Empties a slot, moving back the entries after it that would no longer be found.
     mutating func remove(at slot: Int) {

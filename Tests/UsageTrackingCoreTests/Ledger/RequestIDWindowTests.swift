@@ -67,6 +67,17 @@ import Testing
         #expect(window.orderCount <= 2 * 100 + 1024 + 1)
     }
 
+    /// A full window holds its bound in a table at most half full: for a power-of-two bound too,
+    /// though it holds one id more while it evicts the oldest.
+    @Test func aFullWindowsTableIsTwiceItsBound() {
+        for maxIDs in [1000, 1024] {
+            let window = RequestIDWindow(window: 600, maxIDs: maxIDs)
+            for id in 0..<5_000 { #expect(window.claim(UInt64(id), at: 1)) }
+            #expect(window.count == maxIDs)
+            #expect(window.slotCount == 2048, "a bound of \(maxIDs)")
+        }
+    }
+
     /// The table against a dictionary, through growth, removals that shift runs back (also
     /// across the array's end) and re-insertions.
     @Test func digestTableAgreesWithADictionary() {
