@@ -28,6 +28,9 @@ let package = Package(
     targets: [
         // zlib's deflate behind one C function, so gzip needs no extra package.
         .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
+        // A cache prefetch, which Swift does not offer: the request-id window's slots are
+        // fetched while a callback is decoded, not waited for after.
+        .target(name: "CPrefetch"),
         // Parsing, validation, counting, exposition, the ledgers: no HTTP in here.
         // Yams reads the metering config; Crypto's HMAC hashes labels marked `hash: hmac-sha256`;
         // GRDB keeps the usage ledger in SQLite (the system's libsqlite3); PostgresNIO keeps the
@@ -35,7 +38,7 @@ let package = Package(
         .target(
             name: "UsageTrackingCore",
             dependencies: [
-                "CZlib", .product(name: "Yams", package: "Yams"), .product(name: "Crypto", package: "swift-crypto"),
+                "CZlib", "CPrefetch", .product(name: "Yams", package: "Yams"), .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift"),
                 .product(name: "PostgresNIO", package: "postgres-nio"), .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,3 +1,4 @@
+import CPrefetch
 import Crypto
 import Glibc
 import Synchronization
@@ -70,8 +71,17 @@ public final class RequestIDWindow: Sendable {
                 state.seen.insert(digest, at: now, into: slot)
             }
             self.order(&state, digest, at: now)
+            // The next claim evicts or expires the oldest entry: its slot is fetched meanwhile.
+            if state.head < state.order.count { state.seen.prefetch(state.order[state.head].digest) }
             return true
         }
+    }
+
+    /// Starts fetching the slot `digest` is looked up at, so that its `claim` a moment later
+    /// (once the callback is decoded) does not wait for memory: in a window of a million ids
+    /// that slot is rarely in any cache.
+    public func prefetch(_ digest: UInt64) {
+        self.state.withLock { $0.seen.prefetch(digest) }
     }
 
     /// Forgets a claim whose callback was not counted after all.
@@ -176,6 +186,10 @@ struct DigestTable {
             if entry.digest == digest { return .found(slot) }
             slot = (slot + 1) & self.mask
         }
+    }
+
+    func prefetch(_ digest: UInt64) {
+        self.slots.withUnsafeBufferPointer { cprefetch($0.baseAddress! + self.home(digest)) }
     }
 
     func time(at slot: Int) -> Int64 { self.slots[slot].time }

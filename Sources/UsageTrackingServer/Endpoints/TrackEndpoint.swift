@@ -64,6 +64,9 @@ enum TrackEndpoint {
     /// Decodes one callback and counts it, or hands it to the ledger to be counted once committed.
     /// `sender` is the peer's address, shown in the status page.
     static func handle(_ head: RequestHead, body: ByteBuffer?, sender: String? = nil, state: ServerState, on eventLoop: EventLoop) -> Result {
+        // The id's slot in the window is fetched while the body is decoded.
+        let digest = Self.requestIDDigest(head, state: state)
+        if let digest { state.metrics.requestIDs?.prefetch(digest) }
         let contentType = head.first(name: "content-type")
         // Headers the schema takes labels from (none in the built-in schema: no allocation).
         let headers = state.decoder.headerNames.map { head.first(name: $0) }
@@ -75,7 +78,6 @@ enum TrackEndpoint {
         case .success(let decoded): callback = decoded
         case .failure(let rejection): return .rejected(rejection)
         }
-        let digest = Self.requestIDDigest(head, state: state)
         let writer = state.ledgerWriter
         if let writer {
             guard writer.isOpen else {
