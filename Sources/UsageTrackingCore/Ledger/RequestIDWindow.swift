@@ -133,9 +133,7 @@ public final class RequestIDWindow: Sendable {
         while state.head < state.order.count, now - state.order[state.head].time >= self.window {
             let entry = state.order[state.head]
             state.head += 1
-            if case .found(let slot) = state.seen.find(entry.digest), state.seen.time(at: slot) == entry.time {
-                state.seen.remove(at: slot)
-            }
+            if let slot = state.seen.slot(of: entry) { state.seen.remove(at: slot) }
         }
     }
 
@@ -144,7 +142,7 @@ public final class RequestIDWindow: Sendable {
         while state.head < state.order.count {
             let entry = state.order[state.head]
             state.head += 1
-            if case .found(let slot) = state.seen.find(entry.digest), state.seen.time(at: slot) == entry.time { return slot }
+            if let slot = state.seen.slot(of: entry) { return slot }
         }
         return nil
     }
@@ -154,10 +152,10 @@ public final class RequestIDWindow: Sendable {
 /// share a slot, so finding, adding or removing an id touches one place in memory (a dictionary
 /// keeps keys, values and occupancy apart, three cache misses in a window of a million ids).
 ///
-/// Linear probing, at most half full (and one), with backward-shift removal (no tombstones). A digest's
-/// home slot is the top bits of the digest times a random odd number chosen per table: the ids,
-/// and so their digests, come from callers, and without the secret factor a caller could grind
-/// ids whose digests share a home and make every probe walk a long run.
+/// Linear probing, at most half full (and one), with backward-shift removal (no tombstones). A
+/// digest's home slot is the top bits of the digest times a random odd number chosen per table:
+/// the ids, and so their digests, come from callers, and without the secret factor a caller could
+/// grind ids whose digests share a home and make every probe walk a long run.
 struct DigestTable {
     /// `time == DigestTable.empty` marks a free slot (every digest value is a possible id).
     private var slots: [(digest: UInt64, time: Int64)]
@@ -193,6 +191,12 @@ struct DigestTable {
     }
 
     func time(at slot: Int) -> Int64 { self.slots[slot].time }
+
+    /// The slot of a claim-order entry that is still live: its digest is held, claimed at its time.
+    func slot(of entry: (digest: UInt64, time: Int64)) -> Int? {
+        guard case .found(let slot) = self.find(entry.digest), self.slots[slot].time == entry.time else { return nil }
+        return slot
+    }
     mutating func setTime(_ time: Int64, at slot: Int) { self.slots[slot].time = time }
 
     /// Adds a digest at the free slot `find` returned for it.

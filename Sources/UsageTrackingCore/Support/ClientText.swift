@@ -49,11 +49,6 @@ public struct EchoedText: Sendable, Equatable, CustomStringConvertible {
         self.count = received.count
     }
 
-    public init(_ text: String) {
-        var text = text
-        self = text.withUTF8 { Self(UnsafeRawBufferPointer($0)) }
-    }
-
     /// The text echoed, cut as `String.truncated(toUTF8Bytes:)` cuts (bytes that are not UTF-8
     /// become U+FFFD, which may take it past the bound again).
     public var description: String {

@@ -130,7 +130,7 @@ enum TrackEndpoint {
         state.status?.rates.record(.accepted)
         // The id is looked up and copied only for what shows it.
         guard state.recent != nil || state.logsDebug else { return }
-        let requestID = head.withFirst(name: "x-request-id") { EchoedText($0) }
+        let requestID = Self.echoedRequestID(head)
         state.recent?.record(.init(time: wallClock(), callback: callback, requestID: requestID, sender: sender))
         if state.logsDebug {
             state.logger.debug("callback accepted", metadata: Self.metadata(callback, requestID: requestID?.description))
@@ -148,9 +148,11 @@ enum TrackEndpoint {
     }
 
     /// The caller's request id as logged and shown: truncated, since the caller chooses it.
-    private static func requestID(_ head: RequestHead) -> String? {
-        head.first(name: "x-request-id").map { $0.truncated(toUTF8Bytes: ClientText.echoedBytes) }
+    private static func echoedRequestID(_ head: RequestHead) -> EchoedText? {
+        head.withFirst(name: "x-request-id") { EchoedText($0) }
     }
+
+    private static func requestID(_ head: RequestHead) -> String? { Self.echoedRequestID(head)?.description }
 
     private static func metadata(_ callback: Callback, requestID: String?) -> Logger.Metadata {
         var metadata: Logger.Metadata = [
