@@ -39,8 +39,11 @@ final class ServerState: Sendable {
     let tokenDecoder: TokenDecoder?
     /// `GET /usage`'s reader of the shared ledger and its cache; nil without `--ledger-url`.
     let usage: UsageAnswers?
-    /// `/metrics` replies rendered and not yet taken by their sockets.
+    /// `/metrics` requests from their routing until their sockets have taken their replies.
     let metricsReplies = ReplySlots(limit: MetricsEndpoint.maxHeldReplies)
+    /// Status page and `/debug` requests from their routing until their render is done: they
+    /// share the render thread with scrapes, which would otherwise wait behind any number of them.
+    let pageRenders = ReplySlots(limit: Router.maxPageRenders)
 
     init(
         configuration: ServerConfiguration, logger: Logger, metrics: UsageMetrics, secrets: CallbackSecrets,

@@ -364,7 +364,7 @@ struct Environment {
         switch self.string(name)?.lowercased() {
         case nil, "false", "0", "no": return false
         case "true", "1", "yes": return true
-        case let other?: throw ValidationError("\(name) must be true or false, got '\(other)'")
+        case let other?: throw ValidationError("\(name) must be true or false (or yes, no, 1, 0), got '\(other)'")
         }
     }
 }

@@ -12,6 +12,9 @@ import threading
 import time
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from grpc import aio
 from envoy.config.core.v3 import base_pb2
@@ -477,6 +480,68 @@ def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
         running.close()
 
 
+def test_messages_left_unfinished_on_many_streams_hold_at_most_32_mib():
+    """Streams that each send most of a 1 MiB message and never its end: those the listener
+    cannot hold within 32 MiB for all of them together end with RESOURCE_EXHAUSTED, counted."""
+    running = ExtProc()
+    try:
+        count, length = 96, 1 << 20
+        before = rss_kib(running)
+        link = socket.create_connection(("127.0.0.1", running.port), timeout=0.05)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        client.initiate_connection()
+        head = [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+                (":authority", "usage-tracking"), ("content-type", "application/grpc"), ("te", "trailers")]
+        streams = []
+        for _ in range(count):
+            streams.append(client.get_next_available_stream_id())
+            client.send_headers(streams[-1], head)
+        body = bytes([0]) + length.to_bytes(4, "big") + b"x" * (length - 64)  # never whole
+        sent = dict.fromkeys(streams, 0)
+        ended = {}
+        deadline = time.time() + 40
+        while time.time() < deadline and any(sent[s] < len(body) for s in streams if s not in ended):
+            for stream in streams:
+                if stream in ended or sent[stream] >= len(body):
+                    continue
+                room = min(client.local_flow_control_window(stream), client.max_outbound_frame_size, len(body) - sent[stream])
+                if room > 0:
+                    client.send_data(stream, body[sent[stream]:sent[stream] + room])
+                    sent[stream] += room
+            link.settimeout(10)
+            link.sendall(client.data_to_send())
+            link.settimeout(0.05)
+            try:
+                received = link.recv(1 << 16)
+            except socket.timeout:
+                continue
+            assert received, "the listener closed the connection"
+            for event in client.receive_data(received):
+                if isinstance(event, h2.events.TrailersReceived) or (
+                        isinstance(event, h2.events.ResponseReceived) and event.stream_ended):
+                    ended[event.stream_id] = dict(event.headers)
+        link.settimeout(10)
+        link.sendall(client.data_to_send())
+        during = rss_kib(running)
+        held = [s for s in streams if s not in ended]
+        print(f"\nRSS {before} KiB before, {during} KiB with {len(held)} messages of {count} left unfinished")
+        assert all(sent[s] == len(body) for s in held)
+        refusal = {"grpc-status": "8", "grpc-message": "messages in progress would hold more than 33554432 bytes, "
+                                                       "the most kept for all streams together"}
+        assert [{k: v for k, v in t.items() if k.startswith("grpc-")} for t in ended.values()] == [refusal] * len(ended)
+        # 32 MiB is 32 messages of 1 MiB (less, as a buffer grows in steps); the others were refused.
+        assert 16 <= len(held) <= 32 and len(ended) == count - len(held)
+        assert during - before < 56 << 10, "about 32 MiB of messages, not 96"
+        assert series(running)[error("over_capacity")] == len(ended)
+        link.close()
+        assert wait_for(running, "usage_tracking_ext_proc_streams_open", 0)["usage_tracking_ext_proc_streams_open"] == 0
+        # What the closed connection held is free again: a whole stream is served.
+        assert len(list(running.stub.Process(iter(answer(in_chunks(json_answer('{"prompt_tokens":1,"completion_tokens":2}')))), timeout=10))) == 3
+        assert_alive(running)
+    finally:
+        running.close()
+
+
 def test_memory_per_open_idle_stream(processor):
     count = 2000
     # One stream first, so the connection's and the first stream's one-off costs are not counted.
@@ -646,6 +711,32 @@ def test_the_ledger_restores_token_counts_and_remembers_request_ids_across_a_res
         assert_alive(second)
     finally:
         second.close()
+
+
+def test_a_request_id_of_any_length_or_bytes_dedupes_as_on_track(processor):
+    """The request id is not a label: a stream takes the first given, however long and whatever
+    its bytes, as /track does, and counts; the same id again is a duplicate."""
+    usage = json_answer('{"prompt_tokens":1,"completion_tokens":1}')
+    person = [(":method", "POST"), (":path", "/v1/chat/completions"), ("x-usage-user", "alice"), ("x-usage-groups", "premium")]
+    ids = [[b"r" * 300], [b"first", b"second"], [b"a\xff\xfe"]]
+    def stream(values):
+        headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=key, raw_value=value.encode()) for key, value in person]
+                                     + [base_pb2.HeaderValue(key="x-request-id", raw_value=value) for value in values])
+        messages = answer([usage])
+        messages[0] = Request(request_headers=ext_proc.HttpHeaders(headers=headers))
+        assert len(list(processor.stub.Process(iter(messages), timeout=10))) == 3
+    for values in ids:
+        stream(values)
+    assert wait_for(processor, outcome("counted"), 3)[outcome("counted")] == 3
+    for values in ([b"r" * 300], [b"first"], [b"a\xff\xfe", b"other"]):
+        stream(values)
+    samples = wait_for(processor, outcome("duplicate"), 3)
+    assert (samples[outcome("counted")], samples[outcome("duplicate")], samples.get(outcome("no_identity"), 0)) == (3, 3, 0)
+    stream([b"r" * 299 + b"s"])
+    assert wait_for(processor, outcome("counted"), 4)[outcome("counted")] == 4
+    logged = [report["request_id"] for report in processor.reports(7)]
+    assert logged[:3] == ["r" * 61 + "…", "first", "a\ufffd\ufffd"]
+    assert_alive(processor)
 
 
 def test_a_stream_without_a_believable_identity_is_no_identity():

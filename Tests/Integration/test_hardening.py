@@ -86,8 +86,8 @@ def test_scrapers_that_do_not_read_hold_at_most_four_replies():
         status, headers, body = request(service.port, "GET", "/metrics")
         assert status == 503
         assert headers["retry-after"] == "1"
-        assert json.loads(body) == {"error": "too many /metrics replies are waiting to be read",
-                                    "problems": ["at most 4 are held until their scrapers have read them; retry once one has"]}
+        assert json.loads(body) == {"error": "too many /metrics replies are in progress",
+                                    "problems": ["at most 4 are held, from the request until its scraper has read the reply; retry once one has"]}
         assert request(service.port, "GET", "/healthz", timeout=2)[0] == 200
         for sock in stalled:
             sock.close()
@@ -98,6 +98,37 @@ def test_scrapers_that_do_not_read_hold_at_most_four_replies():
         assert status == 200
     finally:
         for sock in stalled:
+            sock.close()
+        service.stop()
+
+
+def test_page_requests_cannot_queue_without_bound_ahead_of_a_scrape():
+    """Status page and /debug requests share the render thread with scrapes: of 200 sent at once
+    on connections of their own, at most 4 wait for it at a time and the others get a 503 that
+    says why, so a scrape sent behind them waits for a few renders, not two hundred."""
+    service = Service()
+    sockets = []
+    try:
+        fill_series(service.port, 100_000)  # each ?user= render scans every series
+        for index in range(200):
+            sock = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+            sockets.append(sock)
+        for index, sock in enumerate(sockets):
+            sock.sendall(f"GET /{'debug' if index % 2 else ''}?user=nobody HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        status, _, body = request(service.port, "GET", "/metrics", timeout=30)
+        assert status == 200 and b"llm_requests_total" in body
+        replies = [Replies(sock).next() for sock in sockets]
+        refused = [reply for reply in replies if reply[0] == 503]
+        assert len(refused) + len([reply for reply in replies if reply[0] == 200]) == 200
+        assert len(refused) >= 100, f"{len(refused)} of 200 refused"
+        for _, headers, body in refused:
+            assert headers["retry-after"] == "1"
+            assert json.loads(body) == {
+                "error": "too many status page and /debug requests are in progress",
+                "problems": ["at most 4 are rendered or wait to be at once, so that scrapes do not wait behind them; retry once one is answered"]}
+        assert request(service.port, "GET", "/?user=nobody")[0] == 200
+    finally:
+        for sock in sockets:
             sock.close()
         service.stop()
 

@@ -302,6 +302,35 @@ def test_a_graceful_restart_restores_every_count_exactly(tmp_path, mode):
         stop(service.process)
 
 
+def test_a_snapshot_is_written_to_a_new_file_only(tmp_path):
+    alice_total = "SELECT total FROM series JOIN metric ON metric.id = series.metric_id WHERE metric.name = 'llm_requests_total'"
+    directory = str(tmp_path / "ledger")
+    service = Service("--state-dir", directory)
+    try:
+        assert track(service.port, user="alice", groups="free", path="/v1/completions")[0] == 202
+        # The journal is folded into the database within a second; a snapshot reads the database.
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with contextlib.closing(sqlite3.connect(f"file:{directory}/usage.sqlite?mode=ro", uri=True)) as db:
+                if db.execute(alice_total).fetchall() == [(1,)]:
+                    break
+            time.sleep(0.1)
+        copy = str(tmp_path / "copy.sqlite")
+        def snapshot():
+            done = subprocess.run([service.binary, "--state-dir", directory, "--snapshot-ledger", copy],
+                                  capture_output=True, text=True, timeout=30)
+            return done.returncode, done.stdout + done.stderr
+        assert snapshot() == (0, f"ledger copied to {copy}\n")
+        with contextlib.closing(sqlite3.connect(copy)) as db:
+            assert db.execute(alice_total).fetchall() == [(1,)]
+        # The file that is there already is named, not the ledger, and left as it was.
+        size = os.path.getsize(copy)
+        assert snapshot() == (1, f"error: --snapshot-ledger: {copy}: already exists; the copy goes to a new file\n")
+        assert os.path.getsize(copy) == size
+    finally:
+        stop(service.process)
+
+
 def test_label_values_of_every_kind_survive_a_restart_and_read_back_with_sqlite(tmp_path):
     """The ledger keeps labels as JSON text; whatever a callback may carry must read back the same,
     or the restore would refuse the whole ledger."""
@@ -1105,7 +1134,7 @@ def startup_failure(arguments=(), env=None):
     (("--dedupe-header", "x-request-id:"), {}, "--dedupe-header (USAGE_TRACKING_DEDUPE_HEADER) must be a header name, got 'x-request-id:'"),
     (("--dedupe-header", ""), {}, "--dedupe-header (USAGE_TRACKING_DEDUPE_HEADER) must be a header name, got ''"),
     ((), {"USAGE_TRACKING_DEDUPE_HEADER": "x(id)"}, "--dedupe-header (USAGE_TRACKING_DEDUPE_HEADER) must be a header name, got 'x(id)'"),
-    ((), {"USAGE_TRACKING_NO_DEDUPE": "maybe"}, "USAGE_TRACKING_NO_DEDUPE must be true or false, got 'maybe'"),
+    ((), {"USAGE_TRACKING_NO_DEDUPE": "maybe"}, "USAGE_TRACKING_NO_DEDUPE must be true or false (or yes, no, 1, 0), got 'maybe'"),
 ])
 def test_a_bad_ledger_setting_stops_startup_naming_it(arguments, env, message):
     status, output = startup_failure(arguments, env)

@@ -516,6 +516,34 @@ def test_ledger_flags_are_checked_before_anything_starts(arguments, error):
     assert "pw@" not in result.stderr
 
 
+def test_a_second_replica_with_the_same_instance_is_refused_until_the_first_is_gone(postgres, database, tmp_path):
+    """Two replicas under one name would restore each other's totals (and Prometheus would sum
+    them twice): while one holds the name, another stops at startup saying so; once the first has
+    gone, the name is free again, with its counts."""
+    first = replica(postgres, database, tmp_path, "twin")
+    second = None
+    try:
+        assert send(first.port, "ivy")[0] == 202
+        password = postgres.password_file(tmp_path / "password-second")
+        refused = subprocess.run([BINARY, "--host", "127.0.0.1", "--port", "0", "--ledger-url", postgres.url(database),
+                                  "--ledger-password-file", password, "--instance", "twin"],
+                                 capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1
+        [line] = [json.loads(line) for line in refused.stdout.splitlines() if '"cannot start"' in line]
+        assert line["error"] == (f"--ledger-url (USAGE_TRACKING_LEDGER_URL): {postgres.url(database)}: --instance twin is in use by "
+                                 "another replica's connection; each replica needs a name of its own (the pod name)")
+        assert send(first.port, "ivy")[0] == 202, "the first goes on"
+        graceful(first)
+        second = replica(postgres, database, tmp_path, "twin")
+        assert send(second.port, "ivy")[0] == 202
+        assert requests_total(second.port, "ivy") == 3
+        assert postgres.psql("SELECT instance FROM replica", database) == [("twin",)]
+    finally:
+        stop(first.process)
+        if second:
+            stop(second.process)
+
+
 def test_the_instance_is_the_host_name_unless_given(postgres, database, tmp_path):
     password = postgres.password_file(tmp_path / "password")
     service = Service("--ledger-url", postgres.url(database), "--ledger-password-file", password)

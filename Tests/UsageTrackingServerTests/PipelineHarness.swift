@@ -68,11 +68,23 @@ final class PipelineHarness {
     }
 
     func responses() throws -> [ParsedResponse] {
+        try Self.responses(of: self.channel)
+    }
+
+    static func responses(of channel: EmbeddedChannel) throws -> [ParsedResponse] {
         var bytes: [UInt8] = []
-        while let buffer = try self.channel.readOutbound(as: ByteBuffer.self) {
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) {
             bytes += buffer.readableBytesView
         }
         return ParsedResponse.parseAll(bytes)
+    }
+
+    /// Another connection to the same server state, on its own embedded loop.
+    func connection() throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel()
+        try HTTPPipeline.configure(channel, state: self.state)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9998)).wait()
+        return channel
     }
 
     static func post(_ body: String, path: String = "/track", headers: [String] = ["Content-Type: application/json"]) -> String {

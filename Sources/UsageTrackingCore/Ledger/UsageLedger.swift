@@ -302,6 +302,8 @@ public final class UsageLedger: LedgerEngine {
         let path = directory.hasSuffix("/") ? directory + Self.databaseName : directory + "/" + Self.databaseName
         try Self.check(path)
         guard access(path, F_OK) == 0 else { throw .unusableDirectory(directory, "holds no ledger (\(Self.databaseName))") }
+        // Named here: SQLite's own refusal would name the ledger, not the file asked for.
+        guard access(file, F_OK) != 0 else { throw .failed(file, "already exists; the copy goes to a new file") }
         do {
             var config = Configuration()
             config.readonly = true

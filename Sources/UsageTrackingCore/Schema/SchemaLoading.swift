@@ -125,6 +125,11 @@ private struct ConfigReader {
     }
 
     func schema(_ root: Node) throws(LoadError) -> MeteringSchema {
+        // A whole file that is one value is most likely another file given by mistake, such as
+        // a secret's: its text is not repeated into the log.
+        if case .scalar = root, root.null == nil {
+            throw self.error(root, "", "must be a mapping with `metrics:`, got one text value (not shown: this may be another file, such as a secret)")
+        }
         let top = try self.mapping(root, "", allowed: ["metrics", "tokens", "routes"])
         guard let metricsNode = top["metrics"] else { throw self.error(root, "metrics", "required") }
         let metricNodes = try self.sequence(metricsNode, "metrics")

@@ -4,7 +4,8 @@ import Synchronization
 /// bad message ended, by reason. `UsageMetrics` renders them when the listener is on.
 public final class ExtProcCounters: Sendable {
     public enum Reason: String, CaseIterable, Sendable {
-        /// Refused at once: `--ext-proc-max-streams` streams were open.
+        /// Refused at once: `--ext-proc-max-streams` streams were open; or ended: its message in
+        /// progress would have taken the bytes held for all streams' messages past their bound.
         case overCapacity = "over_capacity"
         /// No message for `--ext-proc-idle-timeout` seconds.
         case idleTimeout = "idle_timeout"
@@ -20,6 +21,7 @@ public final class ExtProcCounters: Sendable {
 
     private let errors = Reason.allCases.map { _ in UsageMetrics.OutcomeCounter() }
     private let streams = Atomic<Int>(0)
+    private let messageBytes = Atomic<Int>(0)
 
     public init() {}
 
@@ -37,6 +39,20 @@ public final class ExtProcCounters: Sendable {
     }
 
     public var streamsOpen: Int { self.streams.load(ordering: .relaxed) }
+
+    /// Moves what one stream holds of a message in progress from `old` bytes to `new`; false,
+    /// with nothing changed, when growing it would take all streams together past `limit`.
+    public func holdMessageBytes(from old: Int, to new: Int, limit: Int) -> Bool {
+        let total = self.messageBytes.wrappingAdd(new - old, ordering: .relaxed).newValue
+        guard new <= old || total <= limit else {
+            self.messageBytes.wrappingSubtract(new - old, ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
+    /// Bytes held in messages in progress, all streams together.
+    public var messageBytesHeld: Int { self.messageBytes.load(ordering: .relaxed) }
 
     public func record(_ reason: Reason) {
         self.errors[reason.index].value.wrappingAdd(1, ordering: .relaxed)

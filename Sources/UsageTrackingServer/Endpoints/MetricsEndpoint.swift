@@ -4,19 +4,20 @@ import UsageTrackingCore
 
 /// `GET /metrics`: the Prometheus text format, gzipped when the scraper accepts it.
 enum MetricsEndpoint {
-    /// Replies held at once, from their render until their sockets have taken them: a Prometheus
+    /// Replies held at once, from the request until its socket has taken the reply: a Prometheus
     /// pair and a person with `curl` need three; more are scrapers that do not read.
     static let maxHeldReplies = 4
 
-    /// `from` is the scraper's address, which the status page shows with the render's duration.
-    static func reply(_ head: RequestHead, from: String? = nil, state: ServerState) -> HTTPResponse {
-        guard let slot = state.metricsReplies.take() else {
-            return .error(
-                .serviceUnavailable, "too many /metrics replies are waiting to be read",
-                ["at most \(Self.maxHeldReplies) are held until their scrapers have read them; retry once one has"],
-                headers: [("retry-after", "1")]
-            )
-        }
+    /// The answer when all `maxHeldReplies` are held.
+    static let busy = HTTPResponse.error(
+        .serviceUnavailable, "too many /metrics replies are in progress",
+        ["at most \(maxHeldReplies) are held, from the request until its scraper has read the reply; retry once one has"],
+        headers: [("retry-after", "1")]
+    )
+
+    /// `slot` is the request's place among `maxHeldReplies`; `from` is the scraper's address,
+    /// which the status page shows with the render's duration.
+    static func reply(_ head: RequestHead, from: String? = nil, slot: ReplySlots.Slot, state: ServerState) -> HTTPResponse {
         let started = NIODeadline.now()
         let text = state.metrics.render()
         let renderSeconds = Double((NIODeadline.now() - started).nanoseconds) / 1e9

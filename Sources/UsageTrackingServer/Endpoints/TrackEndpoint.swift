@@ -16,7 +16,7 @@ enum TrackEndpoint {
             return CallbackRejection(.unauthorized, [problem])
         }
         // A compressed body would decode as garbage; say so instead.
-        if let coding = head.first(name: "content-encoding"), coding.trimmingASCIISpaces().lowercased() != "identity" {
+        if let coding = head.joinedValues(name: "content-encoding"), coding.trimmingASCIISpaces().lowercased() != "identity" {
             let name = coding.truncated(toUTF8Bytes: ClientText.echoedBytes)
             return CallbackRejection(.unsupportedMediaType, ["Content-Encoding \(name) is not supported; send the body uncompressed"])
         }
@@ -67,7 +67,7 @@ enum TrackEndpoint {
         // The id's slot in the window is fetched while the body is decoded.
         let digest = Self.requestIDDigest(head, state: state)
         if let digest { state.metrics.requestIDs?.prefetch(digest) }
-        let contentType = head.first(name: "content-type")
+        let contentType = head.joinedValues(name: "content-type")
         // Headers the schema takes labels from (none in the built-in schema: no allocation).
         let headers = state.decoder.headerNames.map { head.first(name: $0) }
         let decoded = (body ?? ByteBuffer()).withUnsafeReadableBytes { bytes in

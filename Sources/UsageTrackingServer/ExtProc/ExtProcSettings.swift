@@ -9,6 +9,11 @@ public struct ExtProcSettings: Sendable {
     /// what idle streams hold is bounded by `maxStreams` in any case.
     public var idleTimeout: Duration = .seconds(300)
     public var headers = ExtProcHeaderNames()
+    /// Bytes all streams together may hold in messages still arriving: each may be up to
+    /// `ExtProcListener.maxMessageBytes`, and a client that never finishes one would otherwise
+    /// pin that much per stream until the idle timeout. Envoy sends a message at once, so its
+    /// streams hold one only for the moment it takes to arrive.
+    public var maxMessageBytesHeld = 32 << 20
 
     public init(port: Int) {
         self.port = port

@@ -28,9 +28,10 @@ struct ExtProcStream {
     private var phase = Phase.start
     private let headers: ExtProcHeaderNames
     private let maxValueBytes: Int
-    /// The label headers' values, then the request id's.
+    /// The label headers' values.
     private var identity: [String?]
     private var identityProblem: String?
+    private var requestID: (shown: String, digest: UInt64?)?
     private let reader = AnswerUsageReader()
     /// Set when the response head cannot be used; the body is then not read.
     private var responseProblem: String?
@@ -38,7 +39,7 @@ struct ExtProcStream {
     init(headers: ExtProcHeaderNames, maxValueBytes: Int) {
         self.headers = headers
         self.maxValueBytes = maxValueBytes
-        self.identity = Array(repeating: nil, count: headers.labels.count + 1)
+        self.identity = Array(repeating: nil, count: headers.labels.count)
     }
 
     /// True once the response's end of stream has been seen: the caller ends the RPC then and
@@ -87,15 +88,20 @@ struct ExtProcStream {
     /// What the stream saw, ended as `end`.
     func report(end: TokenStreamReport.End) -> TokenStreamReport {
         TokenStreamReport(
-            headerNames: self.headers.labels, headers: Array(self.identity.dropLast()), requestID: self.identity.last!,
-            identityProblem: self.identityProblem, reading: self.responseProblem.map { .unreadable($0) } ?? self.reader.reading,
-            end: end
+            headerNames: self.headers.labels, headers: self.identity, requestID: self.requestID?.shown,
+            requestIDDigest: self.requestID?.digest, identityProblem: self.identityProblem,
+            reading: self.responseProblem.map { .unreadable($0) } ?? self.reader.reading, end: end
         )
     }
 
     private mutating func readIdentity(_ map: Envoy_Config_Core_V3_HeaderMap) {
-        let names = self.headers.labels + [self.headers.requestID]
-        (self.identity, self.identityProblem) = map.values(of: names, maxBytes: self.maxValueBytes)
+        (self.identity, self.identityProblem) = map.values(of: self.headers.labels, maxBytes: self.maxValueBytes)
+        // Not a label: taken as `/track` takes it (the first given, any length, any bytes), and
+        // only its digest and the start shown in logs are kept.
+        self.requestID = map.firstValue(of: self.headers.requestID).map { bytes in
+            (String(decoding: bytes.prefix(4 * ClientText.echoedBytes), as: UTF8.self).truncated(toUTF8Bytes: ClientText.echoedBytes),
+             TokenStreamReport.digest(requestID: bytes))
+        }
     }
 
     private mutating func readResponseHead(_ map: Envoy_Config_Core_V3_HeaderMap) {

@@ -43,6 +43,8 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
     private var stream: ExtProcStream?
     /// The part of a gRPC message received so far (prefix included); empty between messages.
     private var partial = ByteBuffer()
+    /// What `partial` holds (its capacity), as counted in `counters.messageBytesHeld`.
+    private var partialHeld = 0
     /// Replies of this read, framed, written as one DATA frame at the read's end.
     private var replies = ByteBuffer()
     private var headSent = false
@@ -109,7 +111,12 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
     func channelInactive(context: ChannelHandlerContext) {
         // Reset by the peer, or its connection closed, before the RPC's end.
         self.finish(.aborted)
+        self.dropPartial()
         context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.dropPartial()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -180,7 +187,7 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
             let message = bytes.readSlice(length: Int(length))!
             self.receive(message: message, context: context)
         }
-        guard self.phase == .open, bytes.readableBytes > 0 else { return }
+        guard self.phase == .open, bytes.readableBytes > 0 else { return self.dropPartial() }
         if joined {
             // Only what this frame brought past the last whole message moves.
             bytes.discardReadBytes()
@@ -189,6 +196,22 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
             // Copied, so that the frame's other bytes (and the read buffer under them) are not held.
             self.partial.writeImmutableBuffer(bytes)
         }
+        let limit = self.settings.maxMessageBytesHeld
+        guard self.counters.holdMessageBytes(from: self.partialHeld, to: self.partial.capacity, limit: limit) else {
+            self.dropPartial()
+            self.counters.record(.overCapacity)
+            let problem = "messages in progress would hold more than \(limit) bytes, the most kept for all streams together"
+            self.finish(.protocolError(problem))
+            return self.endWithTrailers(grpcStatus: .resourceExhausted, message: problem, context: context)
+        }
+        self.partialHeld = self.partial.capacity
+    }
+
+    /// Lets go of the message in progress, and of its bytes in `counters.messageBytesHeld`.
+    private func dropPartial() {
+        self.partial = ByteBuffer()
+        _ = self.counters.holdMessageBytes(from: self.partialHeld, to: 0, limit: 0)
+        self.partialHeld = 0
     }
 
     private func receive(message: ByteBuffer, context: ChannelHandlerContext) {
@@ -277,7 +300,7 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
     /// our side of the stream; flushed at the read's end.
     private func endWithTrailers(grpcStatus: GRPCStatus, message: String?, httpStatus: HTTPStatus = .ok, context: ChannelHandlerContext) {
         self.phase = .ended
-        self.partial = ByteBuffer()
+        self.dropPartial()
         self.writeReplies(context: context)
         var trailers = HPACKHeaders()
         if !self.headSent {

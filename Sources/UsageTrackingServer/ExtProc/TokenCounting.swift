@@ -47,7 +47,7 @@ enum TokenCounting {
         let done: TokenStreamOutcome = stream.end == .complete ? .counted : .aborted
         // A shared ledger not reached yet: nothing may be counted before its counts are back.
         if let writer = state.ledgerWriter, !writer.isOpen { return eventLoop.makeSucceededFuture(.unavailable) }
-        let digest = Self.digest(stream.requestID, state: state)
+        let digest = state.metrics.requestIDs == nil ? nil : stream.requestIDDigest
         if let writer = state.ledgerWriter, writer.mode == .always {
             return writer.commit(tokens: callbacks, digest: digest, on: eventLoop).map { verdict in
                 switch verdict {
@@ -69,16 +69,9 @@ enum TokenCounting {
         return eventLoop.makeSucceededFuture(done)
     }
 
-    /// The request id's digest in a space of its own: Authorino's callback for the same request
-    /// carries the same id, and both must count.
-    private static func digest(_ requestID: String?, state: ServerState) -> UInt64? {
-        guard state.metrics.requestIDs != nil, let id = requestID, !id.trimmingASCIISpaces().isEmpty else { return nil }
-        return RequestIDWindow.digest("tokens\u{0}" + id)
-    }
-
     private static func log(_ outcome: TokenStreamOutcome, _ stream: TokenStreamReport, state: ServerState) {
         var metadata: Logger.Metadata = ["outcome": "\(outcome.rawValue)", "end": "\(stream.end)"]
-        metadata["request_id"] = stream.requestID.map { "\($0.truncated(toUTF8Bytes: ClientText.echoedBytes))" }
+        metadata["request_id"] = stream.requestID.map { "\($0)" }
         switch stream.reading {
         case .notModelAnswer(let reason), .unreadable(let reason): metadata["reason"] = "\(reason)"
         case .usage, .noUsage: break

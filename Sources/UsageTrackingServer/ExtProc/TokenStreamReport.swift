@@ -16,11 +16,22 @@ public struct TokenStreamReport: Sendable, Equatable {
         case protocolError(String)
     }
 
+    /// A request id's digest, in a space of its own: Authorino's callback for the same request
+    /// carries the same id, and both must count.
+    static func digest(requestID bytes: [UInt8]) -> UInt64? {
+        guard bytes.contains(where: { $0 != UInt8(ascii: " ") && $0 != UInt8(ascii: "\t") }) else { return nil }
+        return (Array("tokens\u{0}".utf8) + bytes).withUnsafeBytes { RequestIDWindow.digest($0) }
+    }
+
     /// The token families' label headers (`ExtProcHeaderNames.labels`) and their values, nil
     /// where absent or when no request headers were sent.
     public var headerNames: [String]
     public var headers: [String?]
+    /// The request id as logs show it: the first given, cut to 64 bytes.
     public var requestID: String?
+    /// Its digest over all of its bytes, whatever their length or encoding, as `/track` takes
+    /// any id; nil when absent or blank.
+    public var requestIDDigest: UInt64?
     /// Why the identity above cannot be used (a header given twice, over the bound, not UTF-8),
     /// naming the header; nil when it can.
     public var identityProblem: String?

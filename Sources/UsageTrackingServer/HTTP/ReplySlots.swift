@@ -1,9 +1,11 @@
 import Synchronization
 
-/// A bound on replies too big to hold many of, `/metrics` expositions (18 MB as text at the
-/// built-in budgets): each takes a slot from its render until the socket has taken its last byte
-/// or its connection is gone. A scraper that never reads holds one slot, and a few such scrapers
-/// cannot hold a copy each until the pod runs out of memory.
+/// A bound on requests whose replies cost much to make or to hold, taken when the request is
+/// routed. `/metrics` expositions (18 MB as text at the built-in budgets) keep their slot until
+/// the socket has taken the last byte or the connection is gone: a scraper that never reads holds
+/// one, and a few such scrapers cannot hold a copy each until the pod runs out of memory. Status
+/// page and `/debug` requests keep theirs until rendered, so that no number of them queues on the
+/// render thread ahead of a scrape.
 ///
 /// Contract: `take` may be called from any thread; a slot is given back when the last reference
 /// to it goes, so a reply dropped unwritten (its connection closed first) gives its slot back too.

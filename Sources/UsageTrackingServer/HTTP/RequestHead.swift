@@ -64,6 +64,23 @@ struct RequestHead {
         self.withFirst(name: name) { String(decoding: $0, as: UTF8.self) }
     }
 
+    /// The values of every field called `name`, joined with ", " as HTTP reads a field given on
+    /// several lines; nil without one. For fields that must come once (`Content-Type`) or be read
+    /// whole (`Content-Encoding`): a second line cannot slip past a check of the first.
+    func joinedValues(name: String) -> String? {
+        var name = name
+        return name.withUTF8 { wanted in
+            self.bytes.withUnsafeReadableBytes { bytes in
+                var joined: String?
+                for field in self.fields where HTTPRequestParser.equalsIgnoringCase(UnsafeRawBufferPointer(rebasing: bytes[field.name]), UnsafeRawBufferPointer(wanted)) {
+                    let value = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[field.value]), as: UTF8.self)
+                    joined = joined.map { $0 + ", " + value } ?? value
+                }
+                return joined
+            }
+        }
+    }
+
     /// `body` with the bytes of the first field called `name`; nil without one.
     func withFirst<Result>(name: String, _ body: (UnsafeRawBufferPointer) -> Result) -> Result? {
         var name = name
@@ -80,16 +97,6 @@ struct RequestHead {
     /// Every item of the comma-separated lists in the fields called `name`, as `Accept` and
     /// `Accept-Encoding` are sent: trimmed, empty ones dropped.
     func listItems(name: String) -> [String] {
-        var name = name
-        return name.withUTF8 { wanted in
-            self.bytes.withUnsafeReadableBytes { bytes in
-                var items: [String] = []
-                for field in self.fields where HTTPRequestParser.equalsIgnoringCase(UnsafeRawBufferPointer(rebasing: bytes[field.name]), UnsafeRawBufferPointer(wanted)) {
-                    let value = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[field.value]), as: UTF8.self)
-                    items += value.split(separator: ",").map { $0.trimmingASCIISpaces() }.filter { !$0.isEmpty }
-                }
-                return items
-            }
-        }
+        (self.joinedValues(name: name) ?? "").split(separator: ",").map { $0.trimmingASCIISpaces() }.filter { !$0.isEmpty }
     }
 }

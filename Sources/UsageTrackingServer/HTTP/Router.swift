@@ -55,16 +55,33 @@ enum Router {
             return .reply(.error(.serviceUnavailable, "unavailable", ["the usage ledger is not reachable yet; the counts are served once it is"]))
         // A `where` binds to one pattern only, hence one per route.
         case .metrics where head.isRead, .debug where head.isRead, .status where head.isRead:
-            // All three read the whole store (the status page ranks it), so none runs on the loop.
-            switch request.route {
-            case .debug: return .rendering { [state] in DebugEndpoint.reply(head, state: state) }
-            case .status: return .rendering { [state] in StatusPageEndpoint.reply(head, state: state) }
-            default: return .rendering { [state] in MetricsEndpoint.reply(head, from: sender, state: state) }
+            // All three read the whole store (the status page ranks it), so none runs on the loop;
+            // each takes its place first, so that the render thread's queue is bounded.
+            if request.route == .metrics {
+                guard let slot = state.metricsReplies.take() else { return .reply(MetricsEndpoint.busy) }
+                return .rendering { [state] in MetricsEndpoint.reply(head, from: sender, slot: slot, state: state) }
+            }
+            guard let slot = state.pageRenders.take() else { return .reply(Self.pagesBusy) }
+            let route = request.route
+            return .rendering { [state] in
+                withExtendedLifetime(slot) {
+                    route == .debug ? DebugEndpoint.reply(head, state: state) : StatusPageEndpoint.reply(head, state: state)
+                }
             }
         case .metrics, .healthz, .readyz, .debug, .status, .other:
             return .reply(Self.readOnlyReply(request, state: state))
         }
     }
+
+    /// Status page and `/debug` requests rendered or waiting for the render thread at once: a
+    /// person and a script or two; more would delay the scrapes queued behind them.
+    static let maxPageRenders = 4
+
+    static let pagesBusy = HTTPResponse.error(
+        .serviceUnavailable, "too many status page and /debug requests are in progress",
+        ["at most \(maxPageRenders) are rendered or wait to be at once, so that scrapes do not wait behind them; retry once one is answered"],
+        headers: [("retry-after", "1")]
+    )
 
     /// The answer to a callback once the ledger's commit says what became of it.
     static func committed(

@@ -95,6 +95,13 @@ import Testing
         ])
     }
 
+    @Test func aParameterGivenTwiceIsRefusedNotGuessed() {
+        #expect(self.parse("user=alice&user=bob").failure?.problems == ["user: given more than once"])
+        #expect(self.parse("user=alice&by=path&by=model&by=user&from=2026-12-01T00:00:00Z&from=2026-12-02T00:00:00Z").failure?.problems == [
+            "by: given more than once", "from: given more than once",
+        ])
+    }
+
     @Test func boundsTheSpanAndItsOrder() {
         #expect(self.parse("user=a&from=2026-12-02T00:00:00Z&to=2026-12-01T00:00:00Z").failure?.problems == [
             "from must be before to (both are rounded down to the hour)",

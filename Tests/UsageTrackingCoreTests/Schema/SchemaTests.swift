@@ -101,6 +101,9 @@ let everyKeyConfig = """
         ("metrics: []\n", "c.yaml:1: metrics: must list at least one metric"),
         ("metrics:\n  - name: a_total\n    labels: [\n", "c.yaml:4: is not valid YAML: did not find expected node content"),
         ("", "c.yaml:1: is empty; it needs `metrics:`"),
+        // A secret's file given as the config: its text is not echoed.
+        ("S3cr3tValue-abcdef\n", "c.yaml:1: must be a mapping with `metrics:`, got one text value (not shown: this may be another file, such as a secret)"),
+        ("line-one\nline-two\n", "c.yaml:1: must be a mapping with `metrics:`, got one text value (not shown: this may be another file, such as a secret)"),
     ])
     func badConfigNamesFileLineAndKey(yaml: String, message: String) {
         #expect(loadError(yaml) == message)

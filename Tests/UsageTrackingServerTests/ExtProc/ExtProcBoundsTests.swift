@@ -131,6 +131,45 @@ import UsageTrackingCore
         #expect(harness.counters.count(of: .invalidMessage) == 1)
     }
 
+    @Test func messagesInProgressAreBoundedForAllStreamsTogether() throws {
+        let harness = ExtProcHarness()
+        harness.settings.maxMessageBytesHeld = 50_000
+        let message = try Grpc.framed(Envoy.requestBody(String(repeating: "x", count: 40_000), endOfStream: false))
+        let (first, rest) = (Array(message[..<30_000]), Array(message[30_000...]))
+        func started() throws -> ExtProcHarness.Stream {
+            let stream = try harness.stream()
+            try stream.open()
+            try stream.send(Envoy.requestHeaders(Head.identity))
+            #expect(try stream.answer().replies == [.requestHeaders(.init())])
+            try stream.data(first)
+            return stream
+        }
+        let holding = try started()
+        let held = harness.counters.messageBytesHeld
+        #expect((30_000...50_000).contains(held))
+        // A second message in progress would take the two past the bound: its stream ends.
+        let refused = try started()
+        let answer = try refused.answer()
+        let problem = "messages in progress would hold more than 50000 bytes, the most kept for all streams together"
+        #expect(answer.replies.isEmpty)
+        #expect(answer.status == 8)
+        #expect(answer.message == problem)
+        #expect(harness.reports.map(\.end) == [.protocolError(problem)])
+        #expect(harness.counters.count(of: .overCapacity) == 1)
+        #expect(harness.counters.messageBytesHeld == held, "the refused stream holds nothing")
+        // The first message arrives whole: it is read, and its bytes are let go.
+        try holding.data(rest)
+        #expect(try holding.written().count == 1, "the request body's reply")
+        #expect(harness.counters.messageBytesHeld == 0)
+        // Room again; a stream reset with a message in progress lets go of it too.
+        let reset = try started()
+        #expect(harness.counters.messageBytesHeld == held)
+        #expect(try reset.written().isEmpty)
+        try reset.channel.close().wait()
+        #expect(harness.counters.messageBytesHeld == 0)
+        #expect(harness.counters.count(of: .overCapacity) == 1)
+    }
+
     @Test func aMessageWithNoPhaseEndsTheStream() throws {
         let harness = ExtProcHarness()
         let (exchange, report) = try harness.exchange([ProcessingRequest.with { $0.observabilityMode = true }])
@@ -154,12 +193,44 @@ import UsageTrackingCore
         let over = try identity([("x-usage-user", "123456789")])
         #expect(over?.identityProblem == "x-usage-user: 9 bytes; the limit is 8")
         #expect(over?[header: "x-usage-user"] == nil)
-        #expect(try identity([("x-request-id", String(repeating: "r", count: 9))])?.identityProblem == "x-request-id: 9 bytes; the limit is 8")
         #expect(try identity([(":path", "/v1/chats")])?.identityProblem == ":path: 9 bytes; the limit is 8")
         #expect(try identity([("x-usage-groups", "a"), ("x-usage-groups", "b")])?.identityProblem == "x-usage-groups: given more than once")
         var notUTF8 = Envoy.requestHeaders([])
         notUTF8.requestHeaders.headers.headers = [.with { $0.key = "x-usage-user"; $0.rawValue = Data([0x61, 0xff]) }]
         #expect(try harness.exchange([notUTF8, end]).1?.identityProblem == "x-usage-user: not valid UTF-8")
+    }
+
+    /// A request id is not a label: as `/track` does, a stream takes the first one given, of any
+    /// length and any bytes, and keeps its digest over all of them and its first 64 bytes to log.
+    @Test func aRequestIDOfAnyLengthOrBytesIsTakenAsTrackTakesIt() throws {
+        let harness = ExtProcHarness()
+        harness.maxValueBytes = 8
+        let end = Envoy.responseHeaders([(":status", "200")], endOfStream: true)
+        func report(_ ids: [[UInt8]]) throws -> TokenStreamReport? {
+            var head = Envoy.requestHeaders([("x-usage-user", "alice")])
+            head.requestHeaders.headers.headers += ids.map { id in .with { $0.key = "x-request-id"; $0.rawValue = Data(id) } }
+            return try harness.exchange([head, end]).1
+        }
+        let long = [UInt8](repeating: UInt8(ascii: "r"), count: 300)
+        let longer = try report([long])
+        #expect(longer?.identityProblem == nil)
+        #expect(longer?.requestID == String(repeating: "r", count: 61) + "…")
+        #expect(longer?.requestIDDigest == TokenStreamReport.digest(requestID: long))
+        // Ids alike in their first 299 bytes are different ids.
+        #expect(try report([long.dropLast() + [UInt8(ascii: "s")]])?.requestIDDigest != longer?.requestIDDigest)
+        let twice = try report([Array("first".utf8), Array("second".utf8)])
+        #expect(twice?.identityProblem == nil)
+        #expect(twice?.requestID == "first")
+        #expect(twice?.requestIDDigest == TokenStreamReport.digest(requestID: Array("first".utf8)))
+        let notUTF8 = try report([[0x61, 0xff, 0xfe]])
+        #expect(notUTF8?.identityProblem == nil)
+        #expect(notUTF8?.requestID == "a\u{FFFD}\u{FFFD}")
+        #expect(notUTF8?.requestIDDigest == TokenStreamReport.digest(requestID: [0x61, 0xff, 0xfe]))
+        // A blank id is no id, as on /track.
+        #expect(try report([Array(" \t ".utf8)])?.requestIDDigest == nil)
+        #expect(try report([])?.requestID == nil)
+        // The digest of an id in UTF-8 is the one earlier builds stored in ledgers.
+        #expect(TokenStreamReport.digest(requestID: Array("req-é".utf8)) == RequestIDWindow.digest("tokens\u{0}req-é"))
     }
 
     @Test func anUnusableResponseHeadMakesTheAnswerUnreadable() throws {

@@ -26,8 +26,8 @@ import UsageTrackingCore
 
     static func expectedReport(reading: AnswerReading = Self.reading(), end: TokenStreamReport.End = .complete) -> TokenStreamReport {
         TokenStreamReport(
-            headerNames: Self.labelHeaders, headers: ["alice", "premium", "/v1/chat/completions"], requestID: "7f1c2a", identityProblem: nil,
-            reading: reading, end: end
+            headerNames: Self.labelHeaders, headers: ["alice", "premium", "/v1/chat/completions"], requestID: "7f1c2a",
+            requestIDDigest: TokenStreamReport.digest(requestID: Array("7f1c2a".utf8)), identityProblem: nil, reading: reading, end: end
         )
     }
 

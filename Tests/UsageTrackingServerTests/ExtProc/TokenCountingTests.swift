@@ -19,7 +19,8 @@ import UsageTrackingCore
     ) -> TokenStreamReport {
         TokenStreamReport(
             headerNames: ExtProcHeaderNames().labels, headers: [user, "ml", "/v1/chat/completions?x=1"], requestID: requestID,
-            identityProblem: identityProblem, reading: reading, end: end
+            requestIDDigest: requestID.flatMap { TokenStreamReport.digest(requestID: Array($0.utf8)) }, identityProblem: identityProblem,
+            reading: reading, end: end
         )
     }
 

@@ -263,6 +263,22 @@ extension PipelineHarness {
         let identity = try PipelineHarness()
         #expect(try identity.send(PipelineHarness.post(#"{"user":"a"}"#, headers: ["Content-Encoding: identity"])).map(\.status) == [202])
     }
+
+    /// A field given on two lines is one list, as HTTP reads it: `identity` on the first line
+    /// does not let `gzip` on the second through, and two media types are not one.
+    @Test(arguments: [
+        (["Content-Encoding: identity", "Content-Encoding: gzip"], "Content-Encoding identity, gzip is not supported; send the body uncompressed"),
+        (["Content-Type: application/x-www-form-urlencoded", "Content-Type: multipart/form-data"],
+         "Content-Type application/x-www-form-urlencoded, multipart/form-data is not supported; send application/json or application/x-www-form-urlencoded"),
+    ])
+    func aFieldRepeatedOnSeveralLinesIsReadWhole(lines: [String], problem: String) throws {
+        let harness = try PipelineHarness()
+        let responses = try harness.send(PipelineHarness.post(#"{"user":"a"}"#, headers: lines))
+        #expect(responses.map(\.status) == [415])
+        #expect(responses.first?.text == #"{"error":"unsupported media type","problems":["\#(problem)"]}"# + "\n")
+        #expect(harness.state.metrics.count(of: .unsupportedMediaType) == 1)
+        #expect(harness.state.metrics.requests.value(["a", "", ""]) == 0)
+    }
 }
 
 @Suite struct ProtocolEdgeTests {
@@ -387,7 +403,7 @@ final class UntakenWrites: ChannelOutboundHandler, @unchecked Sendable {
         let responses = try harness.send(String(repeating: PipelineHarness.get("/metrics"), count: limit + 1))
         #expect(responses.map(\.status) == Array(repeating: 200, count: limit) + [503])
         #expect(responses.last?.header("retry-after") == "1")
-        #expect(responses.last?.text == #"{"error":"too many /metrics replies are waiting to be read","problems":["at most 4 are held until their scrapers have read them; retry once one has"]}"# + "\n")
+        #expect(responses.last?.text == #"{"error":"too many /metrics replies are in progress","problems":["at most 4 are held, from the request until its scraper has read the reply; retry once one has"]}"# + "\n")
         #expect(harness.state.metricsReplies.held == limit)
         #expect(socket.held.count == limit, "only the replies holding a slot wait for the socket")
 
@@ -422,6 +438,38 @@ final class UntakenWrites: ChannelOutboundHandler, @unchecked Sendable {
         _ = try harness.channel.finish()
         work.release()
         #expect(harness.state.metricsReplies.held == 0)
+    }
+
+    /// Scrapes and pages share one render thread: how many of either may wait for it is bounded,
+    /// so a scrape waits behind at most `Router.maxPageRenders` page renders, not any number.
+    @Test(arguments: [("/metrics", MetricsEndpoint.maxHeldReplies), ("/debug?user=x", Router.maxPageRenders), ("/", Router.maxPageRenders)])
+    func requestsWaitingForTheRenderThreadAreBounded(path: String, limit: Int) throws {
+        let work = OffLoopReplyTests.HeldWork()
+        let harness = try PipelineHarness(runOffLoop: work.runner())
+        // One connection each, as pipelined requests on one wait for the reply before them.
+        let connections = try (0...limit).map { _ in try harness.connection() }
+        for connection in connections.dropLast() {
+            try connection.writeInbound(ByteBuffer(string: PipelineHarness.get(path)))
+        }
+        #expect(work.count == limit)
+        try connections[limit].writeInbound(ByteBuffer(string: PipelineHarness.get(path)))
+        let refused = try PipelineHarness.responses(of: connections[limit])
+        #expect(refused.map(\.status) == [503])
+        #expect(refused.first?.header("retry-after") == "1")
+        #expect(work.count == limit, "the refused request is not queued")
+        let expected = path == "/metrics"
+            ? #"{"error":"too many /metrics replies are in progress","problems":["at most 4 are held, from the request until its scraper has read the reply; retry once one has"]}"#
+            : #"{"error":"too many status page and /debug requests are in progress","problems":["at most 4 are rendered or wait to be at once, so that scrapes do not wait behind them; retry once one is answered"]}"#
+        #expect(refused.first?.text == expected + "\n")
+        // The other kind still has its own places.
+        let other = try harness.connection()
+        try other.writeInbound(ByteBuffer(string: PipelineHarness.get(path == "/metrics" ? "/debug" : "/metrics")))
+        #expect(work.count == limit + 1)
+        work.release()
+        #expect(try connections.dropLast().map { try PipelineHarness.responses(of: $0).map(\.status) } == Array(repeating: [200], count: limit))
+        #expect(harness.state.pageRenders.held == 0, "a page's place is given back once it is rendered")
+        try connections[limit].writeInbound(ByteBuffer(string: PipelineHarness.get(path)))
+        #expect(work.count == 1, "a place is free again")
     }
 
     @Test func slotsAreTakenUpToTheLimitAndGivenBackWhenFreed() {

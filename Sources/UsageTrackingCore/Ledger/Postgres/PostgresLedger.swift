@@ -16,7 +16,10 @@ import Synchronization
 ///   (per replica, series and UTC hour), `request_id` (digests within the dedupe window, shared).
 /// - Replicas: each restores only its own series (Prometheus sums over `instance`), and every
 ///   query that sums usage reads all of them. Two replicas with the same `--instance` would
-///   restore each other's totals: the name must be unique (the pod name is).
+///   restore each other's totals, so a replica's connection holds an advisory lock on its name
+///   for as long as it lives, and a second one with the name is refused (it retries, as for a
+///   server not reachable, and takes over once the first is gone). The server is asked to probe
+///   an idle peer after 10 s, so a replica whose host vanished frees its name within about 30 s.
 /// - Exactly once across replicas: a claim's request id is inserted in the commit's own
 ///   transaction; an id already there within the window is refused (another replica counted
 ///   it), and its counts are not written. Two replicas inserting the same id at once are
@@ -314,9 +317,26 @@ public final class PostgresLedger: LedgerEngine {
         }
         let logger = self.logger
         let timeout = Self.statementTimeout
+        let (place, instance) = ("\(self.address)", self.instance)
         let connection = try self.run(timeout: .seconds(5), abandoned: { connection in Task { try? await connection.close() } }) {
             let connection = try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
             try await connection.query(PostgresQuery(unsafeSQL: "SET statement_timeout = \(timeout)"), logger: logger)
+            let lock = "usage-tracking instance \(instance)"
+            let rows = try await connection.query(
+                """
+                SELECT set_config('tcp_keepalives_idle', '10', false), set_config('tcp_keepalives_interval', '5', false),
+                    set_config('tcp_keepalives_count', '3', false), pg_try_advisory_lock(hashtextextended(\(lock), 0))
+                """,
+                logger: logger
+            )
+            var held = false
+            for try await (_, _, _, locked) in rows.decode((String, String, String, Bool).self) { held = locked }
+            guard held else {
+                try? await connection.close()
+                throw LedgerError.failed(
+                    place, "--instance \(instance) is in use by another replica's connection; each replica needs a name of its own (the pod name)"
+                )
+            }
             return connection
         }
         self.connection = connection
