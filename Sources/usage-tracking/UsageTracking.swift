@@ -50,7 +50,7 @@ struct UsageTracking: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Seconds a connection may stay silent before it is closed, 1 to 3600. (env: USAGE_TRACKING_IDLE_TIMEOUT; default: 60)")
     var idleTimeout: Int?
 
-    @Option(parsing: .unconditional, help: "Seconds a request may take to arrive in full after its head, 1 to 600; then 408 and the connection is closed. (env: USAGE_TRACKING_REQUEST_TIMEOUT; default: 10)")
+    @Option(parsing: .unconditional, help: "Seconds a request may take to arrive in full after its head, 1 to 600; then 408 and the connection is closed. An ext_proc message gets as long from its first byte. (env: USAGE_TRACKING_REQUEST_TIMEOUT; default: 10)")
     var requestTimeout: Int?
 
     @Option(parsing: .unconditional, help: "Connections open at once, 1 to 1000000; beyond it new ones wait in the listen backlog. (env: USAGE_TRACKING_MAX_CONNECTIONS; default: 4096)")

@@ -542,6 +542,33 @@ def test_messages_left_unfinished_on_many_streams_hold_at_most_32_mib():
         running.close()
 
 
+def test_a_message_that_does_not_arrive_whole_in_time_ends_its_stream():
+    running = ExtProc("--request-timeout", "1")
+    try:
+        link = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+                                (":authority", "usage-tracking"), ("content-type", "application/grpc"), ("te", "trailers")])
+        client.send_data(1, bytes([0]) + (1000).to_bytes(4, "big") + b"x" * 10)
+        started = time.time()
+        link.sendall(client.data_to_send())
+        trailers = None
+        while trailers is None and time.time() - started < 10:
+            for event in client.receive_data(link.recv(1 << 16)):
+                if isinstance(event, (h2.events.TrailersReceived, h2.events.ResponseReceived)) and event.stream_ended:
+                    trailers = dict(event.headers)
+            link.sendall(client.data_to_send())
+        assert 0.5 < time.time() - started < 5
+        assert (trailers["grpc-status"], trailers["grpc-message"]) == (
+            "4", "a gRPC message took more than 1 s to arrive whole (--request-timeout)")
+        assert wait_for(running, error("idle_timeout"), 1)[error("idle_timeout")] == 1
+        link.close()
+        assert_alive(running)
+    finally:
+        running.close()
+
+
 def test_memory_per_open_idle_stream(processor):
     count = 2000
     # One stream first, so the connection's and the first stream's one-off costs are not counted.

@@ -22,11 +22,12 @@ public struct UsageQuery: Sendable, Hashable {
     public static func parse(_ query: Substring, labelNames: Set<String>, maxUserBytes: Int, now: Int64) -> Result<UsageQuery, UsageQueryProblems> {
         var problems: [String] = []
         var seen: Set<String> = []
+        var repeated: Set<String> = []
         for pair in query.split(separator: "&") {
             let name = pair.split(separator: "=", maxSplits: 1).first.map(String.init) ?? ""
             if !["user", "from", "to", "by"].contains(name) {
                 problems.append("unknown parameter '\(name.truncated(toUTF8Bytes: ClientText.echoedBytes))'; use user, from, to, by")
-            } else if !seen.insert(name).inserted, !problems.contains("\(name): given more than once") {
+            } else if !seen.insert(name).inserted, repeated.insert(name).inserted {
                 // Which one counts would be a guess: `user=alice&user=bob` answers neither.
                 problems.append("\(name): given more than once")
             }

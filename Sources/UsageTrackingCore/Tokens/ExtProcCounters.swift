@@ -7,7 +7,8 @@ public final class ExtProcCounters: Sendable {
         /// Refused at once: `--ext-proc-max-streams` streams were open; or ended: its message in
         /// progress would have taken the bytes held for all streams' messages past their bound.
         case overCapacity = "over_capacity"
-        /// No message for `--ext-proc-idle-timeout` seconds.
+        /// No message for `--ext-proc-idle-timeout` seconds, or one that took longer than
+        /// `--request-timeout` to arrive whole.
         case idleTimeout = "idle_timeout"
         /// Not a ProcessingRequest (undecodable, over the size bound, or with no phase set).
         case invalidMessage = "invalid_message"

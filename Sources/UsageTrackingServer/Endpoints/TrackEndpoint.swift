@@ -15,6 +15,10 @@ enum TrackEndpoint {
         if state.secrets.isRequired, let problem = Self.credentialProblem(head, state: state) {
             return CallbackRejection(.unauthorized, [problem])
         }
+        // Which of two media types the body is would be a guess.
+        if head.count(name: "content-type") > 1 {
+            return CallbackRejection(.unsupportedMediaType, ["Content-Type given more than once; send one"])
+        }
         // A compressed body would decode as garbage; say so instead.
         if let coding = head.joinedValues(name: "content-encoding"), coding.trimmingASCIISpaces().lowercased() != "identity" {
             let name = coding.truncated(toUTF8Bytes: ClientText.echoedBytes)
@@ -67,7 +71,7 @@ enum TrackEndpoint {
         // The id's slot in the window is fetched while the body is decoded.
         let digest = Self.requestIDDigest(head, state: state)
         if let digest { state.metrics.requestIDs?.prefetch(digest) }
-        let contentType = head.joinedValues(name: "content-type")
+        let contentType = head.first(name: "content-type")
         // Headers the schema takes labels from (none in the built-in schema: no allocation).
         let headers = state.decoder.headerNames.map { head.first(name: $0) }
         let decoded = (body ?? ByteBuffer()).withUnsafeReadableBytes { bytes in

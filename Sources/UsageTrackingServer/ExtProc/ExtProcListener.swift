@@ -31,6 +31,7 @@ final class ExtProcListener: Sendable {
         // A stream keeps the headers the token families read, and the request id they dedupe on.
         settings.headers.labels = decoder.headerNames
         if let header = configuration.dedupeHeader { settings.headers.requestID = header.lowercased() }
+        settings.messageTimeout = .nanoseconds(configuration.requestTimeout.nanoseconds)
         let streamSettings = settings
         let connections = OpenConnections()
         let (connection, stream) = Self.http2Configuration(maxStreams: settings.maxStreams)

@@ -14,6 +14,9 @@ public struct ExtProcSettings: Sendable {
     /// pin that much per stream until the idle timeout. Envoy sends a message at once, so its
     /// streams hold one only for the moment it takes to arrive.
     public var maxMessageBytesHeld = 32 << 20
+    /// How long a message may take to arrive whole from its first byte (`--request-timeout`, as
+    /// for an HTTP request's body), so that none holds its part of the bound above for long.
+    public var messageTimeout: Duration = .seconds(10)
 
     public init(port: Int) {
         self.port = port

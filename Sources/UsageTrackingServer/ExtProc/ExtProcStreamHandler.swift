@@ -45,6 +45,8 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
     private var partial = ByteBuffer()
     /// What `partial` holds (its capacity), as counted in `counters.messageBytesHeld`.
     private var partialHeld = 0
+    /// When the message in `partial` began to arrive.
+    private var partialSince: NIODeadline?
     /// Replies of this read, framed, written as one DATA frame at the read's end.
     private var replies = ByteBuffer()
     private var headSent = false
@@ -188,12 +190,13 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
             self.receive(message: message, context: context)
         }
         guard self.phase == .open, bytes.readableBytes > 0 else { return self.dropPartial() }
-        if joined {
+        if joined, bytes.capacity <= 2 * bytes.readableBytes + (64 << 10) {
             // Only what this frame brought past the last whole message moves.
             bytes.discardReadBytes()
             self.partial = bytes
         } else {
-            // Copied, so that the frame's other bytes (and the read buffer under them) are not held.
+            // Copied into a buffer of its own, so that neither the frame's other bytes (and the
+            // read buffer under them) nor the buffer of a large message before are held for it.
             self.partial.writeImmutableBuffer(bytes)
         }
         let limit = self.settings.maxMessageBytesHeld
@@ -205,11 +208,18 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
             return self.endWithTrailers(grpcStatus: .resourceExhausted, message: problem, context: context)
         }
         self.partialHeld = self.partial.capacity
+        if self.partialSince == nil || self.lastMessage > self.partialSince! {
+            // A message began since the last whole one: its clock starts.
+            self.partialSince = context.eventLoop.now
+            self.idleCheck?.cancel()
+            self.scheduleIdleCheck(at: self.nextCheck, context: context)
+        }
     }
 
     /// Lets go of the message in progress, and of its bytes in `counters.messageBytesHeld`.
     private func dropPartial() {
         self.partial = ByteBuffer()
+        self.partialSince = nil
         _ = self.counters.holdMessageBytes(from: self.partialHeld, to: 0, limit: 0)
         self.partialHeld = 0
     }
@@ -263,21 +273,35 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
         self.endWithTrailers(grpcStatus: .invalidArgument, message: problem, context: context)
     }
 
-    // MARK: - The idle timeout
+    // MARK: - The idle timeout and the message timeout
 
     /// One scheduled check per stream at a time; a message only moves `lastMessage`, and the
-    /// check reschedules itself until the stream has been silent for the whole timeout.
+    /// check reschedules itself until the stream has been silent for the whole timeout, or a
+    /// message has taken longer than `messageTimeout` to arrive.
     private func scheduleIdleCheck(at deadline: NIODeadline, context: ChannelHandlerContext) {
         self.idleCheck = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
             self.checkIdle(context: context)
         }
     }
 
+    private var nextCheck: NIODeadline {
+        let idle = self.lastMessage + self.idleTimeout
+        return self.partialSince.map { min(idle, $0 + TimeAmount(self.settings.messageTimeout)) } ?? idle
+    }
+
     private func checkIdle(context: ChannelHandlerContext) {
         self.idleCheck = nil
         guard self.phase == .open else { return }
-        let due = self.lastMessage + self.idleTimeout
-        guard context.eventLoop.now >= due else { return self.scheduleIdleCheck(at: due, context: context) }
+        let now = context.eventLoop.now
+        if let since = self.partialSince, now >= since + TimeAmount(self.settings.messageTimeout) {
+            self.counters.record(.idleTimeout)
+            self.finish(.idleTimeout)
+            let seconds = self.settings.messageTimeout.components.seconds
+            return self.endWithTrailers(
+                grpcStatus: .deadlineExceeded, message: "a gRPC message took more than \(seconds) s to arrive whole (--request-timeout)", context: context
+            )
+        }
+        guard now >= self.lastMessage + self.idleTimeout else { return self.scheduleIdleCheck(at: self.nextCheck, context: context) }
         self.counters.record(.idleTimeout)
         self.finish(.idleTimeout)
         let seconds = self.settings.idleTimeout.components.seconds

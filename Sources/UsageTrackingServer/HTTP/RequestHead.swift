@@ -65,18 +65,32 @@ struct RequestHead {
     }
 
     /// The values of every field called `name`, joined with ", " as HTTP reads a field given on
-    /// several lines; nil without one. For fields that must come once (`Content-Type`) or be read
-    /// whole (`Content-Encoding`): a second line cannot slip past a check of the first.
+    /// several lines; nil without one. For a list read whole (`Content-Encoding`): a second line
+    /// cannot slip past a check of the first.
     func joinedValues(name: String) -> String? {
+        var joined: String?
+        self.forEachValue(name: name) { value in
+            let value = String(decoding: value, as: UTF8.self)
+            joined = joined.map { $0 + ", " + value } ?? value
+        }
+        return joined
+    }
+
+    /// How many fields are called `name`: a field that must come once (`Content-Type`) is
+    /// refused when given on more lines, whatever the first says.
+    func count(name: String) -> Int {
+        var count = 0
+        self.forEachValue(name: name) { _ in count += 1 }
+        return count
+    }
+
+    private func forEachValue(name: String, _ body: (UnsafeRawBufferPointer) -> Void) {
         var name = name
-        return name.withUTF8 { wanted in
+        name.withUTF8 { wanted in
             self.bytes.withUnsafeReadableBytes { bytes in
-                var joined: String?
                 for field in self.fields where HTTPRequestParser.equalsIgnoringCase(UnsafeRawBufferPointer(rebasing: bytes[field.name]), UnsafeRawBufferPointer(wanted)) {
-                    let value = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[field.value]), as: UTF8.self)
-                    joined = joined.map { $0 + ", " + value } ?? value
+                    body(UnsafeRawBufferPointer(rebasing: bytes[field.value]))
                 }
-                return joined
             }
         }
     }

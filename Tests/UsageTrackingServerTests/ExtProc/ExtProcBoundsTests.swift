@@ -170,6 +170,70 @@ import UsageTrackingCore
         #expect(harness.counters.count(of: .overCapacity) == 1)
     }
 
+    /// What a stream holds of a message is counted through every way it grows, shrinks or ends.
+    @Test func theBytesHeldFollowAMessageToItsEnd() throws {
+        let harness = ExtProcHarness()
+        harness.settings.maxMessageBytesHeld = 100_000
+        let message = try Grpc.framed(Envoy.requestBody(String(repeating: "x", count: 30_000), endOfStream: false))
+        let stream = try harness.stream()
+        try stream.open()
+        try stream.send(Envoy.requestHeaders(Head.identity))
+        _ = try stream.written()
+        // Across three frames, the last also bringing 10 bytes of the next message.
+        try stream.data(Array(message[..<10_000]))
+        try stream.data(Array(message[10_000..<20_000]))
+        #expect((20_000...100_000).contains(harness.counters.messageBytesHeld))
+        try stream.data(Array(message[20_000...]) + Array(message[..<10]))
+        #expect(try stream.written().count == 1, "the whole message was read")
+        #expect((10...(64 << 10)).contains(harness.counters.messageBytesHeld), "10 bytes held, in a buffer of their own")
+        try stream.data(Array(message[10...]))
+        #expect(try stream.written().count == 1)
+        #expect(harness.counters.messageBytesHeld == 0)
+        // A message growing past the bound while it arrives ends the stream and lets go of it.
+        try stream.data(Grpc.prefix(length: 500_000) + Array(repeating: 0, count: 50_000))
+        #expect((50_000...100_000).contains(harness.counters.messageBytesHeld))
+        try stream.data(Array(repeating: 0, count: 60_000))
+        #expect(try stream.answer().status == 8)
+        #expect(harness.counters.messageBytesHeld == 0)
+        // A client that ends its side inside a message lets go of it too.
+        let ended = try harness.stream()
+        try ended.open()
+        try ended.send(Envoy.requestHeaders(Head.identity))
+        try ended.data(Array(message[..<10_000]))
+        #expect(harness.counters.messageBytesHeld > 0)
+        try ended.end()
+        #expect(try ended.answer().status == 3)
+        #expect(harness.counters.messageBytesHeld == 0)
+    }
+
+    /// A message must arrive whole within `--request-timeout` of its first byte, so that nothing
+    /// holds its part of the bound for as long as the idle timeout.
+    @Test func aMessageArrivingTooSlowlyEndsItsStream() throws {
+        let harness = ExtProcHarness()
+        harness.settings.messageTimeout = .seconds(10)
+        let message = try Grpc.framed(Envoy.requestBody(String(repeating: "x", count: 1_000), endOfStream: false))
+        let stream = try harness.stream()
+        try stream.open()
+        try stream.send(Envoy.requestHeaders(Head.identity))
+        _ = try stream.written()
+        let loop = stream.channel.embeddedEventLoop
+        // A message taking 9 s is read, and the next one's clock starts with its first byte.
+        try stream.data(Array(message[..<500]))
+        loop.advanceTime(by: .seconds(9))
+        try stream.data(Array(message[500...]) + Array(message[..<500]))
+        #expect(try stream.written().count == 1)
+        loop.advanceTime(by: .seconds(9))
+        #expect(harness.reports.isEmpty, "18 s after the first byte of the first message, 9 s into the second")
+        loop.advanceTime(by: .seconds(1))
+        let answer = try stream.answer()
+        #expect(answer.status == 4)
+        #expect(answer.message == "a gRPC message took more than 10 s to arrive whole (--request-timeout)")
+        #expect(harness.reports.map(\.end) == [.idleTimeout])
+        #expect(harness.counters.count(of: .idleTimeout) == 1)
+        #expect(harness.counters.messageBytesHeld == 0)
+        #expect(harness.counters.streamsOpen == 0)
+    }
+
     @Test func aMessageWithNoPhaseEndsTheStream() throws {
         let harness = ExtProcHarness()
         let (exchange, report) = try harness.exchange([ProcessingRequest.with { $0.observabilityMode = true }])
@@ -230,7 +294,7 @@ import UsageTrackingCore
         #expect(try report([Array(" \t ".utf8)])?.requestIDDigest == nil)
         #expect(try report([])?.requestID == nil)
         // The digest of an id in UTF-8 is the one earlier builds stored in ledgers.
-        #expect(TokenStreamReport.digest(requestID: Array("req-é".utf8)) == RequestIDWindow.digest("tokens\u{0}req-é"))
+        #expect(TokenStreamReport.digest(requestID: Array("req-é".utf8)) == 6_118_284_021_900_867_729, "SHA-256 of \"tokens\\0req-é\", its first 8 bytes")
     }
 
     @Test func anUnusableResponseHeadMakesTheAnswerUnreadable() throws {

@@ -17,9 +17,11 @@ import Synchronization
 /// - Replicas: each restores only its own series (Prometheus sums over `instance`), and every
 ///   query that sums usage reads all of them. Two replicas with the same `--instance` would
 ///   restore each other's totals, so a replica's connection holds an advisory lock on its name
-///   for as long as it lives, and a second one with the name is refused (it retries, as for a
-///   server not reachable, and takes over once the first is gone). The server is asked to probe
-///   an idle peer after 10 s, so a replica whose host vanished frees its name within about 30 s.
+///   for as long as it lives: a second one with the name stops at startup, and a replica that
+///   meets the lock on reconnecting refuses commits until it is free. The server is asked to
+///   probe a silent peer after 10 s, so a replica whose host vanished usually frees its name
+///   within about 30 s. A session lock needs a connection of its own: PgBouncer in transaction or
+///   statement mode would hand it to other clients.
 /// - Exactly once across replicas: a claim's request id is inserted in the commit's own
 ///   transaction; an id already there within the window is refused (another replica counted
 ///   it), and its counts are not written. Two replicas inserting the same id at once are
@@ -325,7 +327,7 @@ public final class PostgresLedger: LedgerEngine {
             let rows = try await connection.query(
                 """
                 SELECT set_config('tcp_keepalives_idle', '10', false), set_config('tcp_keepalives_interval', '5', false),
-                    set_config('tcp_keepalives_count', '3', false), pg_try_advisory_lock(hashtextextended(\(lock), 0))
+                    set_config('tcp_keepalives_count', '3', false), pg_try_advisory_lock(7372417, hashtext(\(lock)))
                 """,
                 logger: logger
             )
