@@ -480,6 +480,20 @@ def test_sixty_concurrent_streams_over_a_cap_of_fifty_refuse_exactly_ten():
         running.close()
 
 
+# A Process call's head, for the raw HTTP/2 client below.
+GRPC_HEAD = [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+             (":authority", "usage-tracking"), ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def raw_h2(running, timeout):
+    """A socket and an `h2` client on it, the connection begun: for messages no gRPC client sends
+    (unfinished, or trickled)."""
+    link = socket.create_connection(("127.0.0.1", running.port), timeout=timeout)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    return link, client
+
+
 def test_messages_left_unfinished_on_many_streams_hold_at_most_32_mib():
     """Streams that each send most of a 1 MiB message and never its end: those the listener
     cannot hold within 32 MiB for all of them together end with RESOURCE_EXHAUSTED, counted."""
@@ -487,15 +501,11 @@ def test_messages_left_unfinished_on_many_streams_hold_at_most_32_mib():
     try:
         count, length = 96, 1 << 20
         before = rss_kib(running)
-        link = socket.create_connection(("127.0.0.1", running.port), timeout=0.05)
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        client.initiate_connection()
-        head = [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-                (":authority", "usage-tracking"), ("content-type", "application/grpc"), ("te", "trailers")]
+        link, client = raw_h2(running, timeout=0.05)
         streams = []
         for _ in range(count):
             streams.append(client.get_next_available_stream_id())
-            client.send_headers(streams[-1], head)
+            client.send_headers(streams[-1], GRPC_HEAD)
         body = bytes([0]) + length.to_bytes(4, "big") + b"x" * (length - 64)  # never whole
         sent = dict.fromkeys(streams, 0)
         ended = {}
@@ -545,11 +555,8 @@ def test_messages_left_unfinished_on_many_streams_hold_at_most_32_mib():
 def test_a_message_that_does_not_arrive_whole_in_time_ends_its_stream():
     running = ExtProc("--request-timeout", "1")
     try:
-        link = socket.create_connection(("127.0.0.1", running.port), timeout=10)
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        client.initiate_connection()
-        client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-                                (":authority", "usage-tracking"), ("content-type", "application/grpc"), ("te", "trailers")])
+        link, client = raw_h2(running, timeout=10)
+        client.send_headers(1, GRPC_HEAD)
         client.send_data(1, bytes([0]) + (1000).to_bytes(4, "big") + b"x" * 10)
         started = time.time()
         link.sendall(client.data_to_send())

@@ -187,6 +187,8 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
             guard bytes.readableBytes >= 5 + Int(length) else { break }
             bytes.moveReaderIndex(forwardBy: 5)
             let message = bytes.readSlice(length: Int(length))!
+            // Whatever follows is the next message, on a clock of its own.
+            self.partialSince = nil
             self.receive(message: message, context: context)
         }
         guard self.phase == .open, bytes.readableBytes > 0 else { return self.dropPartial() }
@@ -208,8 +210,8 @@ final class ExtProcStreamHandler: ChannelDuplexHandler {
             return self.endWithTrailers(grpcStatus: .resourceExhausted, message: problem, context: context)
         }
         self.partialHeld = self.partial.capacity
-        if self.partialSince == nil || self.lastMessage > self.partialSince! {
-            // A message began since the last whole one: its clock starts.
+        if self.partialSince == nil {
+            // A message began: its clock starts.
             self.partialSince = context.eventLoop.now
             self.idleCheck?.cancel()
             self.scheduleIdleCheck(at: self.nextCheck, context: context)
